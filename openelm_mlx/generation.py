@@ -1,0 +1,277 @@
+"""Text generation: options, the pipelined decode loop, streaming with stop strings, batches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+
+from .cache import DEFAULT_KEEP, KVCache, make_cache
+from .errors import ContextLengthError, InvalidOptionError
+from .model import Model
+from .sampling import make_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate. Every default lives here (the CLI reads them from this class)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; Apple's model cards use 1.2
+    repetition_context_size: int = 20
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    prefill_step: int = 512  # prompt tokens per forward pass
+    sliding_window: bool = False  # keep going past the context by dropping old positions
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be a non-negative integer", self.max_tokens),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)", self.temperature),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a non-negative integer (0 turns it off)", self.top_k),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns it off)", self.top_p),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 turns it off)", self.min_p),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 turns it off)", self.repetition_penalty),
+            (isinstance(self.repetition_context_size, int) and self.repetition_context_size > 0,
+             "repetition_context_size must be a positive integer", self.repetition_context_size),
+            (isinstance(self.prefill_step, int) and self.prefill_step > 0, "prefill_step must be a positive integer",
+             self.prefill_step),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer", self.seed),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise InvalidOptionError(f"{message}, got {value!r}")
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step: the new text and token; finish_reason and final statistics on the last."""
+
+    text: str
+    token: int
+    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    ttft_s: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int]
+    finish_reason: str
+    stats: GenerationResponse = field(repr=False)
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries; text that might start one is held back."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.held = ""
+
+    def push(self, text: str) -> Tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was reached)."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
+                if buf.endswith(stop[:k]):
+                    hold = k
+                    break
+        self.held = buf[len(buf) - hold:]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def context_room(model: Model, prompt_len: int, cache: Optional[List[KVCache]], sliding_window: bool) -> Optional[int]:
+    """How many tokens may be generated before the context is full (None: unbounded)."""
+    limit = model.args.max_context_length
+    used = (cache[0].offset if cache else 0) + prompt_len
+    if prompt_len > limit or (not sliding_window and used > limit):
+        raise ContextLengthError(
+            f"the prompt is {prompt_len} tokens"
+            + (f" after {used - prompt_len} cached ones" if used > prompt_len else "")
+            + f", but OpenELM's context is {limit} tokens: shorten the prompt"
+            + ("" if sliding_window else " (or enable the sliding window to keep a long chat going)")
+        )
+    return None if sliding_window else limit - used
+
+
+def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
+                  limit: int) -> Iterator[List[int]]:
+    """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
+
+    Step n+1 is queued with async_eval before step n is read, so the device never waits for Python.
+    """
+    sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
+    penalty = (make_repetition_penalty(options.repetition_penalty, options.repetition_context_size)
+               if options.repetition_penalty != 1.0 else None)
+    key = mx.random.key(options.seed) if options.seed is not None else None
+    history = ids
+
+    def step(new_ids: mx.array) -> mx.array:
+        nonlocal key, history
+        hidden = model.hidden(new_ids, cache)
+        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
+        if penalty is not None:
+            logits = penalty(history, logits)
+        sub = None
+        if key is not None:
+            key, sub = mx.random.split(key)
+        token = sampler(logits, sub)
+        if penalty is not None:
+            history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
+        return token
+
+    if limit <= 0:
+        return
+    start = 0
+    while ids.shape[1] - start > options.prefill_step:
+        model.hidden(ids[:, start:start + options.prefill_step], cache)
+        mx.eval([c.keys for c in cache])
+        start += options.prefill_step
+    token = step(ids[:, start:])
+    mx.async_eval(token)
+    for n in range(1, limit + 1):
+        if n < limit:
+            next_token = step(token[:, None])
+            mx.async_eval(next_token)
+        yield token.tolist()
+        if n < limit:
+            token = next_token
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
+                    options: Optional[GenerationOptions] = None, *,
+                    cache: Optional[List[KVCache]] = None) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, encoded with BOS, or token ids), one response per token.
+
+    Text segments concatenate to the decoded completion without stop strings or EOS. Pass a
+    `cache` from an earlier call to continue from it (only `prompt` is prefilled).
+    """
+    options = options or GenerationOptions()
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    room = context_room(model, len(ids), cache, options.sliding_window)
+    limit = options.max_tokens if room is None else min(options.max_tokens, room)
+    if cache is None:
+        cache = make_cache(len(model.layers), max_size=_window(model, options))
+    detokenizer, stops = tokenizer.detokenizer(), StopMatcher(options.stop)
+    mx.reset_peak_memory()
+    stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
+    start = time.perf_counter()
+    first_at = start
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit)
+    for n, (token,) in enumerate(tokens, 1):
+        now = time.perf_counter()
+        if n == 1:
+            first_at = now
+            stats.ttft_s = now - start
+            stats.prompt_tps = len(ids) / stats.ttft_s
+        stats.generation_tokens = n
+        stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
+        if token == tokenizer.eos_id:
+            finish, text = "stop", stops.push(detokenizer.finalize())[0] + stops.flush()
+        else:
+            text, hit = stops.push(detokenizer.add_token(token))
+            finish = "stop" if hit else ("length" if n == limit else None)
+            if finish == "length":
+                tail, hit = stops.push(detokenizer.finalize())
+                text += tail + ("" if hit else stops.flush())
+        stats.peak_memory_bytes = mx.get_peak_memory()
+        yield replace(stats, text=text, token=token, finish_reason=finish)
+        if finish:
+            tokens.close()
+            return
+    if limit == 0:
+        yield replace(stats, finish_reason="length")
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
+             options: Optional[GenerationOptions] = None, *,
+             cache: Optional[List[KVCache]] = None) -> GenerationResult:
+    """Generate a whole completion; see `stream_generate`."""
+    text, tokens, last = [], [], None
+    for last in stream_generate(model, tokenizer, prompt, options, cache=cache):
+        text.append(last.text)
+        if last.token >= 0:
+            tokens.append(last.token)
+    return GenerationResult("".join(text), tokens, last.finish_reason, last)
+
+
+def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
+                   options: Optional[GenerationOptions] = None) -> List[GenerationResult]:
+    """Generate for several prompts at once (left-padded). Greedy rows equal their solo runs."""
+    options = options or GenerationOptions()
+    if options.sliding_window:
+        raise ValueError("batch_generate does not support the sliding window")
+    rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if not rows or not all(rows):
+        raise ValueError("batch_generate needs at least one prompt, and no prompt may be empty")
+    width = max(len(r) for r in rows)
+    limit = min(options.max_tokens, context_room(model, width, None, False))
+    pads = [width - len(r) for r in rows]
+    ids = mx.array([[0] * pad + r for pad, r in zip(pads, rows)])  # pad id is never attended to
+    cache = make_cache(len(model.layers), left_padding=pads)
+    detoks = [tokenizer.detokenizer() for _ in rows]
+    stops = [StopMatcher(options.stop) for _ in rows]
+    texts: List[List[str]] = [[] for _ in rows]
+    out_tokens: List[List[int]] = [[] for _ in rows]
+    finish: List[Optional[str]] = [None] * len(rows)
+    for n, step_tokens in enumerate(decode_tokens(model, ids, cache, options, limit), 1):
+        for i, token in enumerate(step_tokens):
+            if finish[i]:
+                continue
+            out_tokens[i].append(token)
+            if token == tokenizer.eos_id:
+                finish[i] = "stop"
+                text = stops[i].push(detoks[i].finalize())[0] + stops[i].flush()
+            else:
+                text, hit = stops[i].push(detoks[i].add_token(token))
+                finish[i] = "stop" if hit else None
+            texts[i].append(text)
+        if all(finish):
+            break
+    results = []
+    for i in range(len(rows)):
+        if not finish[i]:
+            tail, hit = stops[i].push(detoks[i].finalize())
+            texts[i].append(tail + ("" if hit else stops[i].flush()))
+        stats = GenerationResponse(text="", token=-1, prompt_tokens=len(rows[i]),
+                                   generation_tokens=len(out_tokens[i]))
+        results.append(GenerationResult("".join(texts[i]), out_tokens[i], finish[i] or "length", stats))
+    return results
+
+
+def _window(model: Model, options: GenerationOptions) -> Optional[int]:
+    if not options.sliding_window:
+        return None
+    if options.prefill_step > model.args.max_context_length - DEFAULT_KEEP:
+        raise ValueError("prefill_step must be smaller than the context when the sliding window is on")
+    return model.args.max_context_length

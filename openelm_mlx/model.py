@@ -1,0 +1,142 @@
+"""The OpenELM decoder in MLX. Module names equal Apple's checkpoint keys; no I/O here.
+
+Every layer has its own head counts and FFN width (layer-wise scaling), taken from `ModelArgs`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .config import ModelArgs
+
+Mask = Optional[Union[str, mx.array]]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.num_query_heads = args.num_query_heads[layer]
+        self.num_kv_heads = args.num_kv_heads[layer]
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim ** -0.5
+        self.rope_base = float(args.rope_freq_constant)
+        self.qkv_proj = nn.Linear(args.model_dim, args.qkv_out_dim(layer), bias=False)
+        self.out_proj = nn.Linear(self.num_query_heads * args.head_dim, args.model_dim, bias=False)
+        if args.normalize_qk_projections:
+            self.q_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[KVCache],
+                 positions: Union[int, mx.array]) -> mx.array:
+        B, T, _ = x.shape
+        nq, nkv = self.num_query_heads, self.num_kv_heads
+        # Fused projection output is head-major: nq query heads, then nkv key, then nkv value heads.
+        qkv = self.qkv_proj(x).reshape(B, T, nq + 2 * nkv, self.head_dim)
+        q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)  # each [B, T, heads, hd]
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm, before RoPE
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, T, hd]
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # SDPA handles grouped-query attention itself: kv heads are never tiled.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.ffn_dim = args.ffn_dims[layer]
+        self.proj_1 = nn.Linear(args.model_dim, 2 * self.ffn_dim, bias=False)
+        self.proj_2 = nn.Linear(self.ffn_dim, args.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # the gate is the FIRST half
+        return self.proj_2(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+        self.ffn = FeedForward(args, layer)
+
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[KVCache], positions) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache, positions)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_transformer_layers)]
+        self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache: Optional[List[KVCache]]) -> mx.array:
+        h = self.token_embeddings(ids)
+        first = cache[0] if cache else None
+        positions = _positions(first)
+        mask = _attention_mask(ids.shape[1], first)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, mask, cache[i] if cache else None, positions)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """OpenELM causal LM. `model(ids, cache=None)` maps [B, T] token ids to [B, T, vocab] logits."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.transformer = Transformer(args)
+        if not args.share_input_output_layers:
+            self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache: Optional[List[KVCache]] = None) -> mx.array:
+        return self.logits(self.hidden(ids, cache))
+
+    def hidden(self, ids: mx.array, cache: Optional[List[KVCache]] = None) -> mx.array:
+        """Final-normed hidden states [B, T, model_dim]; prefill uses it to skip unneeded logits."""
+        return self.transformer(ids, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.share_input_output_layers:
+            return self.transformer.token_embeddings.as_linear(hidden)  # tied, also when quantized
+        return self.lm_head(hidden)
+
+    @property
+    def layers(self) -> List[DecoderLayer]:
+        return self.transformer.layers
+
+
+def _positions(cache: Optional[KVCache]) -> Union[int, mx.array]:
+    """RoPE offset of the first new token: the cache's position, per row when left-padded."""
+    if cache is None:
+        return 0
+    if cache.left_padding is None:
+        return cache.offset
+    return cache.offset - cache.left_padding  # [B]; pad tokens get negative positions and are masked
+
+
+def _attention_mask(num_new: int, cache: Optional[KVCache]) -> Mask:
+    if cache is None or cache.left_padding is None:
+        return "causal" if num_new > 1 else None  # "causal" aligns the last query with the last key
+    # Left-padded batch: row b may not attend to its first left_padding[b] positions. A pad
+    # query still sees itself, so no softmax row is empty (an empty row would give NaN values
+    # that leak into real rows through 0 * NaN).
+    total = cache.size + num_new
+    key_pos = mx.arange(total)[None, :]  # [1, S]
+    query_pos = mx.arange(cache.size, total)[:, None]  # [T, 1]
+    causal = key_pos <= query_pos  # [T, S]
+    not_pad = key_pos >= cache.left_padding[:, None]  # [B, S]
+    allowed = causal[None] & (not_pad[:, None, :] | (key_pos == query_pos)[None])  # [B, T, S]
+    return allowed[:, None]  # [B, 1, T, S]
