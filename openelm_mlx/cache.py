@@ -69,7 +69,8 @@ class KVCache:
         droppable = self.size - self.keep
         if at_least > droppable:
             raise ValueError(f"cannot fit {at_least} new positions in a sliding window of {self.max_size}")
-        drop = min(max(at_least, EVICT_CHUNK), droppable)
+        chunk = min(EVICT_CHUNK, max(1, droppable // 2))  # small windows keep at least half their history
+        drop = min(max(at_least, chunk), droppable)
         keep, size = self.keep, self.size
         # Already-rotated keys keep their positions: RoPE only sees relative distances.
         self.keys[..., keep : size - drop, :] = self.keys[..., keep + drop : size, :]
@@ -92,11 +93,15 @@ class KVCache:
 
     @property
     def meta_state(self) -> dict:
-        return {"offset": self.offset, "size": self.size, "max_size": self.max_size, "keep": self.keep}
+        pads = None if self.left_padding is None else self.left_padding.tolist()
+        return {"offset": self.offset, "size": self.size, "max_size": self.max_size, "keep": self.keep,
+                "left_padding": pads}
 
     @classmethod
     def from_state(cls, state: Tuple[mx.array, mx.array], meta_state: dict) -> "KVCache":
-        cache = cls(max_size=meta_state["max_size"], keep=meta_state["keep"])
+        pads = meta_state.get("left_padding")
+        cache = cls(max_size=meta_state["max_size"], keep=meta_state["keep"],
+                    left_padding=None if pads is None else mx.array(pads, dtype=mx.int32))
         if meta_state["size"]:
             cache.keys, cache.values = state
         cache.offset, cache.size = meta_state["offset"], meta_state["size"]

@@ -70,10 +70,18 @@ class ModelArgs:
 
     def _validate(self) -> None:
         num_layers = self.num_transformer_layers
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "ffn_dim_divisor"):
+        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "ffn_dim_divisor",
+                     "num_gqa_groups", "max_context_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        for name in ("rope_freq_constant", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"config field '{name}' must be a positive number, got {value!r}")
+        for name in ("normalize_qk_projections", "share_input_output_layers", "ffn_with_glu"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field '{name}' must be true or false, got {getattr(self, name)!r}")
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
             values = getattr(self, name)
             if len(values) != num_layers:
@@ -97,8 +105,6 @@ class ModelArgs:
             raise ConfigError(
                 f"config field 'normalization_layer_name' is {self.normalization_layer_name!r}: only 'rms_norm' is supported"
             )
-        if self.max_context_length <= 0:
-            raise ConfigError(f"config field 'max_context_length' must be positive, got {self.max_context_length}")
 
     # ----------------------------------------------------------------------------- construction
     @classmethod

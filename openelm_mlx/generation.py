@@ -172,7 +172,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     """Generate from `prompt` (text, encoded with BOS, or token ids), one response per token.
 
     Text segments concatenate to the decoded completion without stop strings or EOS. Pass a
-    `cache` from an earlier call to continue from it (only `prompt` is prefilled).
+    `cache` from an earlier call to continue from it (only `prompt` is prefilled). When generation
+    ends, the cache holds the prompt and every generated token but the last, whatever the finish
+    reason: a follow-up prompt starts with that last token.
     """
     options = options or GenerationOptions()
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -205,6 +207,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
                 tail, hit = stops.push(detokenizer.finalize())
                 text += tail + ("" if hit else stops.flush())
         stats.peak_memory_bytes = mx.get_peak_memory()
+        if finish == "stop":
+            for layer_cache in cache:  # the pipelined next step already fed this token: forget it
+                layer_cache.trim(1)
         yield replace(stats, text=text, token=token, finish_reason=finish)
         if finish:
             tokens.close()
@@ -273,5 +278,7 @@ def _window(model: Model, options: GenerationOptions) -> Optional[int]:
     if not options.sliding_window:
         return None
     if options.prefill_step > model.args.max_context_length - DEFAULT_KEEP:
-        raise ValueError("prefill_step must be smaller than the context when the sliding window is on")
+        raise InvalidOptionError(
+            f"prefill_step must be at most the context minus {DEFAULT_KEEP} kept positions when the sliding "
+            f"window is on, got {options.prefill_step} for a {model.args.max_context_length}-token context")
     return model.args.max_context_length

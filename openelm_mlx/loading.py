@@ -33,8 +33,10 @@ def load(path_or_repo: str | Path, *, dtype: Optional[str] = None, tokenizer: Op
     tokenizer: a tokenizer.model file (or its directory) when the checkpoint has none.
     """
     model_dir = resolve_model_dir(path_or_repo)
+    read_config(model_dir)  # cheap checks first: not a checkpoint directory, or a bad config.json
+    tokenizer_path = find_tokenizer(model_dir, tokenizer)  # and before reading gigabytes of weights
     model = load_model(model_dir, dtype=dtype, force_float16=force_float16)
-    tok = Tokenizer(find_tokenizer(model_dir, tokenizer))
+    tok = Tokenizer(tokenizer_path)
     if tok.vocab_size > model.args.vocab_size:
         raise LoadError(
             f"the tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {model.args.vocab_size}: "
@@ -59,7 +61,8 @@ def resolve_model_dir(path_or_repo: str | Path) -> Path:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
@@ -67,14 +70,16 @@ def _download(repo_id: str) -> Path:
         raise LoadError(f"{repo_id} is gated: accept its license on the Hub, then run `huggingface-cli login`") from None
     except RepositoryNotFoundError:
         raise LoadError(
-            f"{repo_id} was not found on the Hugging Face Hub (or is private): check the repo id, "
-            "or log in with `huggingface-cli login`"
+            f"{repo_id} is neither a local directory nor a repo on the Hugging Face Hub (or it is private): "
+            "check the path or repo id, or log in with `huggingface-cli login`"
         ) from None
     except LocalEntryNotFoundError:
         raise LoadError(
             f"could not download {repo_id}: the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE is set) "
             "and the repo is not in the local cache. Connect to the network once, or pass a local directory."
         ) from None
+    except HFValidationError as e:  # e.g. a mistyped local path with spaces in it
+        raise LoadError(f"no such directory: {repo_id}, and it is not a valid Hugging Face repo id either ({e})") from None
     except (OSError, ValueError) as e:  # network failures surface as OSError subclasses
         raise LoadError(f"could not download {repo_id} from the Hugging Face Hub: {e}. Pass a local directory "
                         "if you have the files.") from None
@@ -180,8 +185,10 @@ def assign_weights(model: Model, weights: Dict[str, mx.array], dtype: mx.Dtype) 
         raise LoadError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
                         + (" ..." if len(missing) > 8 else ""))
     if unexpected:
+        hint = (" (the checkpoint is quantized but config.json has no 'quantization' block)"
+                if any(name.endswith(".scales") for name in unexpected) else "")
         raise LoadError(f"checkpoint has {len(unexpected)} unexpected tensor(s) for this config: "
-                        f"{', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+                        f"{', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "") + hint)
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise LoadError(f"tensor {name} has shape {tuple(value.shape)} but config.json implies "

@@ -2,21 +2,27 @@
 
 mlx-lm's SPMStreamingDetokenizer is the model for the streaming part, but importing any mlx_lm
 module runs mlx_lm/__init__.py, which imports transformers (and torch where installed): seconds
-of start-up and a torch import the runtime must not have. So the ~30 lines live here, and the
-tests check them against mlx-lm's.
+of start-up and a torch import the runtime must not have. So the detokenizer lives here, follows
+SentencePiece's own decode rules more closely than mlx-lm's (leading spaces, invalid bytes), and
+the tests check it against both decode() and mlx-lm's.
 """
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import sentencepiece as spm
 
 from .errors import LoadError, TokenizerNotFoundError
 
 TOKENIZER_FILE = "tokenizer.model"
-_SPACE = "\u2581".encode("utf-8")  # SentencePiece's word-start marker
+_SPACE = "\u2581"  # SentencePiece's word-start marker
+# SentencePiece's decode() turns each byte of invalid UTF-8 into its own U+FFFD ("replace" would
+# give one per maximal invalid subsequence).
+_ERRORS = "openelm-mlx-sentencepiece"
+codecs.register_error(_ERRORS, lambda e: ("\ufffd", e.start + 1))
 
 
 class Tokenizer:
@@ -32,15 +38,37 @@ class Tokenizer:
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
-        # Bytes of each piece: <0xNN> pieces are raw bytes (byte fallback), others UTF-8 text.
+        # Bytes of each piece as decode() renders it: <0xNN> pieces are raw bytes (byte fallback),
+        # controls nothing, <unk> its surface, others UTF-8 text with the word-start marker as a space.
         self._piece_bytes = [self._bytes_of(i) for i in range(self.vocab_size)]
+        self._is_byte = [self.sp.is_byte(i) for i in range(self.vocab_size)]
+        self._word_start = [self._is_text(i) and self.sp.id_to_piece(i).startswith(_SPACE)
+                            for i in range(self.vocab_size)]
+        self.strips_first_space, self.strips_later_spaces = self._leading_space_rule()
+
+    def _is_text(self, token: int) -> bool:
+        return not (self.sp.is_byte(token) or self.sp.is_control(token) or self.sp.is_unknown(token))
 
     def _bytes_of(self, token: int) -> bytes:
         if self.sp.is_byte(token):
             return bytes([int(self.sp.id_to_piece(token)[3:5], 16)])
-        if self.sp.is_control(token) or self.sp.is_unknown(token):
+        if self.sp.is_control(token):
             return b""
-        return self.sp.id_to_piece(token).encode("utf-8")
+        if self.sp.is_unknown(token):
+            return self.sp.decode([token]).encode("utf-8")
+        return self.sp.id_to_piece(token).replace(_SPACE, " ").encode("utf-8")
+
+    def _leading_space_rule(self) -> Tuple[bool, bool]:
+        """How decode() drops leading spaces, read off decode() itself: (whether the first piece's
+        word-start space is dropped (the dummy prefix), whether later pieces' are too while the text
+        is still empty). The second holds with remove_extra_whitespaces, which Llama-2's model lacks:
+        there [▁, ▁hello] decodes to " hello"."""
+        starts = [i for i in range(self.vocab_size) if self._word_start[i]]
+        if not starts:
+            return False, False
+        first = self.sp.decode([starts[0]]).encode("utf-8") != self._piece_bytes[starts[0]]
+        lone = next((i for i in starts if self.sp.id_to_piece(i) == _SPACE), None)
+        return first, first and lone is not None and self.sp.decode([lone, lone]) == ""
 
     def encode(self, text: str, *, add_bos: bool = True) -> List[int]:
         ids = self.sp.encode(text)
@@ -52,6 +80,14 @@ class Tokenizer:
     def piece_bytes(self, token: int) -> bytes:
         return self._piece_bytes[token] if 0 <= token < self.vocab_size else b""
 
+    def is_byte(self, token: int) -> bool:
+        """Whether the piece is a byte-fallback piece <0xNN>."""
+        return 0 <= token < self.vocab_size and self._is_byte[token]
+
+    def starts_word(self, token: int) -> bool:
+        """Whether the piece begins with the word-start marker (decode() may drop it at the start)."""
+        return 0 <= token < self.vocab_size and self._word_start[token]
+
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 
@@ -60,8 +96,8 @@ class StreamingDetokenizer:
     """Turns tokens into text one at a time, in linear time.
 
     Holds back bytes that do not yet form complete UTF-8 (byte-fallback characters span several
-    tokens) and drops the dummy-prefix space of the first word, so the concatenated segments
-    equal `tokenizer.decode(all_tokens)`.
+    tokens) and drops the leading spaces decode() drops (the dummy prefix of the first word), so
+    the concatenated segments equal `tokenizer.decode(all_tokens)`.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -69,23 +105,35 @@ class StreamingDetokenizer:
         self.text = ""
         self.tokens: List[int] = []
         self._pending = b""
+        self._at_start = tokenizer.strips_first_space  # no text yet: a word-start space would be dropped
 
     def add_token(self, token: int) -> str:
         """Add one token; return the newly complete text (possibly empty)."""
         self.tokens.append(token)
-        self._pending += self._tokenizer.piece_bytes(token)
-        return self._flush(final=False)
+        tokenizer = self._tokenizer
+        piece = tokenizer.piece_bytes(token)
+        if tokenizer.is_byte(token):
+            self._pending += piece
+            self._at_start = False
+            return self._flush(final=False)
+        # Any other piece (a control one too) ends a run of bytes: what is incomplete stays U+FFFD.
+        text = self._flush(final=True) if self._pending else ""
+        if self._at_start and tokenizer.starts_word(token):
+            piece = piece[1:]  # SentencePiece's dummy prefix
+            self._at_start = tokenizer.strips_later_spaces
+        if piece:
+            self._at_start = False
+        self._pending += piece
+        return text + self._flush(final=False)
 
     def finalize(self) -> str:
         """Flush what is held back (an incomplete character becomes U+FFFD, as decode() does)."""
         return self._flush(final=True)
 
     def _flush(self, final: bool) -> str:
-        text = self._pending.replace(_SPACE, b" ").decode("utf-8", "replace")
+        text = self._pending.decode("utf-8", _ERRORS)
         if not final and text.endswith("\ufffd"):
             return ""  # wait for the rest of a multi-byte character
-        if not self.text and text.startswith(" "):
-            text = text[1:]  # SentencePiece's dummy prefix
         self._pending = b""
         self.text += text
         return text
