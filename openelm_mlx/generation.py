@@ -207,7 +207,7 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
                 tail, hit = stops.push(detokenizer.finalize())
                 text += tail + ("" if hit else stops.flush())
         stats.peak_memory_bytes = mx.get_peak_memory()
-        if finish == "stop":
+        if finish == "stop" and n < limit:
             for layer_cache in cache:  # the pipelined next step already fed this token: forget it
                 layer_cache.trim(1)
         yield replace(stats, text=text, token=token, finish_reason=finish)

@@ -33,9 +33,9 @@ def load(path_or_repo: str | Path, *, dtype: Optional[str] = None, tokenizer: Op
     tokenizer: a tokenizer.model file (or its directory) when the checkpoint has none.
     """
     model_dir = resolve_model_dir(path_or_repo)
-    read_config(model_dir)  # cheap checks first: not a checkpoint directory, or a bad config.json
+    args = read_config(model_dir)  # cheap checks first: not a checkpoint directory, or a bad config.json
     tokenizer_path = find_tokenizer(model_dir, tokenizer)  # and before reading gigabytes of weights
-    model = load_model(model_dir, dtype=dtype, force_float16=force_float16)
+    model = load_model(model_dir, dtype=dtype, force_float16=force_float16, args=args)
     tok = Tokenizer(tokenizer_path)
     if tok.vocab_size > model.args.vocab_size:
         raise LoadError(
@@ -160,9 +160,11 @@ def quantize_tree(model: Model, quantization: dict, quantized_names: Optional[se
     nn.quantize(model, class_predicate=predicate, **defaults)
 
 
-def load_model(model_dir: Path, *, dtype: Optional[str] = None, force_float16: bool = False) -> Model:
-    """Build the model from config.json and load its weights strictly (names, shapes, nothing missing)."""
-    args = read_config(model_dir)
+def load_model(model_dir: Path, *, dtype: Optional[str] = None, force_float16: bool = False,
+               args: Optional[ModelArgs] = None) -> Model:
+    """Build the model from config.json (or `args`, already read from it) and load its weights
+    strictly (names, shapes, nothing missing)."""
+    args = args or read_config(model_dir)
     target = DTYPES.get(dtype or DEFAULT_DTYPE)
     if target is None:
         raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -100,6 +100,20 @@ def random_state_dict(config: dict, seed: int = 0, std: float = 0.1) -> Dict[str
     return out
 
 
+def text_only_state(config: dict, tokenizer_path: Path, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random weights whose untied head (config must be untied) only ever prefers text pieces,
+    so greedy output is readable text rather than stray byte-fallback pieces."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    state = random_state_dict(config, seed=seed)
+    head = state["lm_head.weight"]
+    text = np.array([not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)) for i in range(head.shape[0])])
+    head[~text] = 0.0
+    head[text] = 0.5 * np.random.default_rng(seed + 1).standard_normal((int(text.sum()), head.shape[1]))
+    return state
+
+
 def write_hf_checkpoint(directory: Path, config: dict, state: Dict[str, np.ndarray], *,
                         dtype: str = "float32", shards: int = 1, tokenizer: Optional[Path] = None) -> Path:
     """Write config.json and safetensors as Apple's save_pretrained does (torch tensors, optional shards)."""

@@ -9,27 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from helpers import random_state_dict, tiny_config, write_hf_checkpoint
+from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx.cli import main
 
 PROMPT = "Once upon a time"
-
-
-def text_only_state(config: dict, spm_model) -> dict:
-    """Random weights whose untied head only ever prefers text pieces (readable ASCII output)."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-    state = random_state_dict(config, seed=0)
-    head = state["lm_head.weight"]
-    text = np.array([not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)) for i in range(head.shape[0])])
-    head[~text] = 0.0
-    head[text] = 0.5 * np.random.default_rng(1).standard_normal((int(text.sum()), head.shape[1]))
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, random_state_dict, tiny_config, write_hf_checkpoint
+from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
 from openelm_mlx.generation import StopMatcher
@@ -27,18 +27,6 @@ PROMPTS = ["Once upon a time", "Hello world", "The quick brown fox",
            "OpenELM uses layer-wise scaling: every layer has its own number of heads."]
 SMALL_CONTEXT = 32
 EOS = 2
-
-
-def text_only_state(config: dict, spm_model, seed: int = 0) -> dict:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-    state = random_state_dict(config, seed=seed)
-    head = state["lm_head.weight"]
-    text = np.array([not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)) for i in range(head.shape[0])])
-    head[~text] = 0.0
-    head[text] = 0.5 * np.random.default_rng(seed + 1).standard_normal((int(text.sum()), head.shape[1]))
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -547,13 +535,15 @@ def test_cache_reuse_after_length_equals_from_scratch(lm):
     assert part2.stats.prompt_tokens == 1 + len(second)
 
 
-def test_cache_reuse_after_eos_equals_from_scratch(eos_lm):
+@pytest.mark.parametrize("eos_is_last_allowed", [False, True], ids=["room-left", "eos-at-max-tokens"])
+def test_cache_reuse_after_eos_equals_from_scratch(eos_lm, eos_is_last_allowed):
     """After EOS, as after "length", the cache holds all generated tokens but the last (here EOS):
-    the follow-up prompt starts with it."""
+    the follow-up prompt starts with it. Also when EOS is the max_tokens-th token (no step queued)."""
     model, tok, prompt, e = eos_lm
     first = tok.encode(prompt)
     cache = om.make_cache(len(model.layers))
-    turn = om.generate(model, tok, first, GenerationOptions(max_tokens=30), cache=cache)
+    max_tokens = e + 1 if eos_is_last_allowed else 30
+    turn = om.generate(model, tok, first, GenerationOptions(max_tokens=max_tokens), cache=cache)
     assert turn.finish_reason == "stop" and turn.tokens[-1] == EOS
     assert cache[0].offset == len(first) + len(turn.tokens) - 1
     follow = tok.encode("The quick", add_bos=False)

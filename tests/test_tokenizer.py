@@ -216,12 +216,18 @@ def test_streaming_arbitrary_ids_equals_decode(tok, sp):
         assert "".join(stream(tok, ids)) == sp.decode(ids), ids
 
 
-@pytest.mark.parametrize("text", STREAM_TEXTS)
-def test_streaming_equals_decode_keeping_whitespace(llama_like, text):
-    """Leading/repeated spaces and newlines survive encoding here, as with Llama-2."""
-    ids = llama_like.sp.encode(text)
-    segments = stream(llama_like, ids)
-    assert "".join(segments) == llama_like.sp.decode(ids) == text
+LLAMA2_TEXTS = ["안녕하세요 세계! 🙂👍🏽", MULTILINGUAL, "🙂", "  indented\n    code", " leading space", "a  b",
+                "   .. versionadded:: 3.4\n"]
+
+
+@pytest.mark.parametrize("which,text", [("llama_like", t) for t in STREAM_TEXTS] + [("llama", t) for t in LLAMA2_TEXTS])
+def test_streaming_equals_decode_keeping_whitespace(request, which, text):
+    """With whitespace kept as Llama-2 keeps it (leading/repeated spaces, newlines survive encoding),
+    the streamed segments still equal decode(), and equal the text itself."""
+    tokenizer = request.getfixturevalue(which)
+    ids = tokenizer.sp.encode(text)
+    segments = stream(tokenizer, ids)
+    assert "".join(segments) == tokenizer.sp.decode(ids) == text
     assert all(REPLACEMENT not in seg for seg in segments)
 
 
@@ -271,17 +277,6 @@ def test_llama2_known_ids(llama):
     assert llama.encode("Hello world") == [1, 15043, 3186]
     assert llama.encode("Once upon a time") == [1, 9038, 2501, 263, 931]
     assert llama.encode("\n", add_bos=False)[-1] == 13
-
-
-@pytest.mark.parametrize("text", [
-    "안녕하세요 세계! 🙂👍🏽", MULTILINGUAL, "🙂", "  indented\n    code", " leading space", "a  b",
-    "   .. versionadded:: 3.4\n",
-])
-def test_llama2_streaming_equals_decode(llama, text):
-    ids = llama.sp.encode(text)
-    segments = stream(llama, ids)
-    assert "".join(segments) == llama.sp.decode(ids) == text
-    assert all(REPLACEMENT not in s for s in segments)
 
 
 def test_llama2_streaming_arbitrary_ids(llama):
