@@ -66,16 +66,17 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) for --model, including synthetic:SIZE."""
+    from .config import ModelArgs
     from .loading import DEFAULT_DTYPE, DTYPES, check_float16, load
     from .synthetic import PREFIX, synthetic_model
     from .tokenizer import Tokenizer, find_tokenizer
 
     if args.model.startswith(PREFIX):
         tokenizer = Tokenizer(find_tokenizer(None, args.tokenizer))  # fail fast, before the build
-        dtype = DTYPES[args.dtype or DEFAULT_DTYPE]
-        model = synthetic_model(args.model[len(PREFIX):], dtype=dtype)
-        check_float16(model.args, dtype, args.force_float16)
-        print(f"[synthetic model: random weights of the real {args.model[len(PREFIX):]} architecture; "
+        size, dtype = args.model[len(PREFIX):], DTYPES[args.dtype or DEFAULT_DTYPE]
+        check_float16(ModelArgs.from_preset(size), dtype, args.force_float16)
+        model = synthetic_model(size, dtype=dtype)
+        print(f"[synthetic model: random weights of the real {size} architecture; "
               "its text is gibberish]", file=sys.stderr)
         return model, tokenizer
     return load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, force_float16=args.force_float16)

@@ -111,7 +111,7 @@ def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     else:
         files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
-        hint = " (pytorch_model.bin needs converting first: openelm-mlx convert)" if any(
+        hint = " (PyTorch .bin/.pt checkpoints are not loaded directly: convert them to safetensors first)" if any(
             model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) else ""
         raise LoadError(f"no model*.safetensors in {model_dir}{hint}")
     weights: Dict[str, mx.array] = {}
