@@ -108,6 +108,26 @@ class StopMatcher:
         return text
 
 
+class CompletionText:
+    """The text of one completion as tokens arrive: streaming detokenizer plus stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self._eos_id = tokenizer.eos_id
+        self._detokenizer = tokenizer.detokenizer()
+        self._stops = StopMatcher(stops)
+
+    def add(self, token: int) -> Tuple[str, bool]:
+        """Return (text safe to emit, whether the completion ended: EOS or a stop string)."""
+        if token == self._eos_id:
+            return self.finish(), True
+        return self._stops.push(self._detokenizer.add_token(token))
+
+    def finish(self) -> str:
+        """Flush what is held back: an incomplete character, a partial stop-string match."""
+        tail, hit = self._stops.push(self._detokenizer.finalize())
+        return tail if hit else tail + self._stops.flush()
+
+
 def context_room(model: Model, prompt_len: int, cache: Optional[List[KVCache]], sliding_window: bool) -> Optional[int]:
     """How many tokens may be generated before the context is full (None: unbounded)."""
     limit = model.args.max_context_length
@@ -184,7 +204,7 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     limit = options.max_tokens if room is None else min(options.max_tokens, room)
     if cache is None:
         cache = make_cache(len(model.layers), max_size=_window(model, options))
-    detokenizer, stops = tokenizer.detokenizer(), StopMatcher(options.stop)
+    completion = CompletionText(tokenizer, options.stop)
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
@@ -198,14 +218,10 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             stats.prompt_tps = len(ids) / stats.ttft_s
         stats.generation_tokens = n
         stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
-        if token == tokenizer.eos_id:
-            finish, text = "stop", stops.push(detokenizer.finalize())[0] + stops.flush()
-        else:
-            text, hit = stops.push(detokenizer.add_token(token))
-            finish = "stop" if hit else ("length" if n == limit else None)
-            if finish == "length":
-                tail, hit = stops.push(detokenizer.finalize())
-                text += tail + ("" if hit else stops.flush())
+        text, ended = completion.add(token)
+        finish = "stop" if ended else ("length" if n == limit else None)
+        if finish == "length":
+            text += completion.finish()
         stats.peak_memory_bytes = mx.get_peak_memory()
         if finish == "stop" and n < limit:
             for layer_cache in cache:  # the pipelined next step already fed this token: forget it
@@ -244,8 +260,7 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
     pads = [width - len(r) for r in rows]
     ids = mx.array([[0] * pad + r for pad, r in zip(pads, rows)])  # pad id is never attended to
     cache = make_cache(len(model.layers), left_padding=pads)
-    detoks = [tokenizer.detokenizer() for _ in rows]
-    stops = [StopMatcher(options.stop) for _ in rows]
+    completions = [CompletionText(tokenizer, options.stop) for _ in rows]
     texts: List[List[str]] = [[] for _ in rows]
     out_tokens: List[List[int]] = [[] for _ in rows]
     finish: List[Optional[str]] = [None] * len(rows)
@@ -254,20 +269,15 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
             if finish[i]:
                 continue
             out_tokens[i].append(token)
-            if token == tokenizer.eos_id:
-                finish[i] = "stop"
-                text = stops[i].push(detoks[i].finalize())[0] + stops[i].flush()
-            else:
-                text, hit = stops[i].push(detoks[i].add_token(token))
-                finish[i] = "stop" if hit else None
+            text, ended = completions[i].add(token)
+            finish[i] = "stop" if ended else None
             texts[i].append(text)
         if all(finish):
             break
     results = []
     for i in range(len(rows)):
         if not finish[i]:
-            tail, hit = stops[i].push(detoks[i].finalize())
-            texts[i].append(tail + ("" if hit else stops[i].flush()))
+            texts[i].append(completions[i].finish())
         stats = GenerationResponse(text="", token=-1, prompt_tokens=len(rows[i]),
                                    generation_tokens=len(out_tokens[i]))
         results.append(GenerationResult("".join(texts[i]), out_tokens[i], finish[i] or "length", stats))
