@@ -65,20 +65,21 @@ class ChatSession:
     def ask(self, text: str) -> int:
         """Add a user message; drop the oldest turns if the conversation would not leave room for a
         reply. Returns how many turns were dropped."""
-        self.messages.append(Message("user", text))
         context = self.model.args.max_context_length
         room = min(self.options.max_tokens, context // REPLY_ROOM_FRACTION)
-        dropped = 0
-        while len(self.prompt_ids()) + room > context and len(self.messages) > 1:
-            del self.messages[0]  # a user turn, then its reply
-            if self.messages and self.messages[0].role == "assistant" and len(self.messages) > 1:
-                del self.messages[0]
-            dropped += 1
-        if len(self.prompt_ids()) + room > context:
-            self.messages.pop()
+        history, self.messages = self.messages, [Message("user", text)]
+        if len(self.prompt_ids()) + room > context:  # even alone it would not fit: keep the chat as it was
+            self.messages = history
             raise ContextLengthError(
                 f"this message leaves no room for a reply in the {context}-token context"
                 + (" next to the system prompt" if self.system else "") + ": shorten it")
+        self.messages = history + self.messages
+        dropped = 0
+        while len(self.prompt_ids()) + room > context:
+            del self.messages[0]  # a user turn, then its reply
+            if self.messages[0].role == "assistant":
+                del self.messages[0]
+            dropped += 1
         self.stats = TurnStats(dropped_turns=dropped)
         return dropped
 
