@@ -119,6 +119,11 @@ class OpenAIServer(ThreadingHTTPServer):
         self.created = now()
         self._service_threads = []
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up or stalls is routine, not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
     @property
     def port(self) -> int:
         return self.server_address[1]
@@ -254,6 +259,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (malformed request line, unknown method) in OpenAI's shape too."""
+        self.close_connection = True
+        self._send_json(code, APIError(code, message or explain or "bad request",
+                                       type="invalid_request_error" if code < 500 else "server_error").body())
 
     def log_message(self, format: str, *args) -> None:
         if self.server.log is not None:
