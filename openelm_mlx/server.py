@@ -13,6 +13,8 @@ import collections
 import hmac
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ DEFAULT_PORT = 8080
 DEFAULT_QUEUE_SIZE = 16  # requests waiting behind the running one; more get 503
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 SOCKET_TIMEOUT_S = 60  # a client that stops sending its request is dropped after this
+CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client is still there
 ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
 _DONE = object()  # end of a job's events
 
@@ -207,10 +210,33 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _events(self, job: Job):
-        while (event := job.events.get()) is not _DONE:
+        """The job's responses as the worker produces them. Meanwhile (queued, or generating a reply that is
+        sent whole) the connection is watched: a client that hung up raises ConnectionResetError."""
+        while True:
+            try:
+                event = job.events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                event = None
+            if event is None or not job.request.stream:
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed the connection")
+            if event is _DONE:
+                return
             if isinstance(event, APIError):
                 raise event
-            yield event
+            if event is not None:
+                yield event
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (readable with nothing to read); a request pipelined behind
+        this one does not count."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _respond(self, job: Job) -> None:
         kind, served = job.request.kind, self.server.served

@@ -406,3 +406,17 @@ def test_serve_command_errors(checkpoint):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("openelm-mlx serve: error: cannot listen on")
     assert "Traceback" not in result.stderr
+
+
+def test_a_client_that_leaves_before_its_whole_reply_stops_the_generation(server, client, lm):
+    """Non-streamed: the connection is watched while the reply is generated."""
+    before = len(server.worker.records)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": LONG}).encode()
+    _raw_exchange(server.port, (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {len(body)}\r\n\r\n").encode() + body, read=False)
+    deadline = time.monotonic() + 60
+    while len(server.worker.records) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = server.worker.records[-1]
+    assert record.finish_reason == "cancelled" and record.generated_tokens < LONG
+    test_chat_completion(client, lm)
