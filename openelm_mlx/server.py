@@ -17,7 +17,7 @@ import select
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Deque, Optional, TextIO
 
@@ -82,7 +82,8 @@ class Worker:
                 self._run_job(job)
         finally:
             mx.synchronize()
-            mx.clear_streams()  # a thread that used MLX must release its streams before it ends
+            if threading.current_thread() is not threading.main_thread():
+                mx.clear_streams()  # a thread that used MLX must release its streams before it ends
 
     def _run_job(self, job: Job) -> None:
         generated, finish = 0, "cancelled"
@@ -91,9 +92,12 @@ class Worker:
                 return
             responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, job.request.options,
                                                    job.reuse)
+            keep_space = self._continues_text(job.request)
             try:
                 for response in responses:
                     generated = response.generation_tokens
+                    if generated == 1 and keep_space and self.tokenizer.starts_word(response.token):
+                        response = replace(response, text=" " + response.text)
                     job.events.put(response)
                     if job.cancelled.is_set():
                         break
@@ -106,6 +110,14 @@ class Worker:
         finally:
             job.events.put(_DONE)
             self.records.append(JobRecord(generated, finish, job.reuse.cached_tokens))
+
+
+    def _continues_text(self, request: ParsedRequest) -> bool:
+        """Whether a completion's first word-start space must be kept. The detokenizer drops it, as decode()
+        does at the start of a text, but a completion continues its prompt: prompt + completion must read
+        as decode(prompt + completion ids), e.g. "Once upon a time" + " there"."""
+        return (request.kind == COMPLETION and self.tokenizer.strips_first_space
+                and self.tokenizer.decode(request.prompt_ids) != "")
 
 
 class OpenAIServer(ThreadingHTTPServer):
