@@ -21,9 +21,13 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Deque, Optional, TextIO
 
+import mlx.core as mx
+
+from .model import Model
 from .openai_api import (CHAT, COMPLETION, APIError, ParsedRequest, ServedModel, chunk_body, models_body, new_id,
                          now, parse_request, response_body, usage_body)
-from .prompt_cache import ReuseStats
+from .prompt_cache import PromptCache, ReuseStats
+from .tokenizer import Tokenizer
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 DEFAULT_PORT = 8080
@@ -55,9 +59,7 @@ class JobRecord:
 class Worker:
     """Owns the model: runs queued jobs one at a time, in the thread that calls `run`."""
 
-    def __init__(self, model, tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE):
-        from .prompt_cache import PromptCache
-
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE):
         self.tokenizer = tokenizer
         self.prompt_cache = PromptCache(model)
         self.jobs: "queue.Queue" = queue.Queue(maxsize=queue_size)
@@ -75,8 +77,6 @@ class Worker:
 
     def run(self) -> None:
         """Serve jobs until `stop`."""
-        import mlx.core as mx
-
         try:
             while (job := self.jobs.get()) is not None:
                 self._run_job(job)
@@ -99,9 +99,9 @@ class Worker:
                     if generated == 1 and keep_space and self.tokenizer.starts_word(response.token):
                         response = replace(response, text=" " + response.text)
                     job.events.put(response)
-                    if job.cancelled.is_set():
-                        break
                     finish = response.finish_reason or finish
+                    if job.cancelled.is_set() and not response.finish_reason:
+                        break
             finally:
                 responses.close()
         except Exception as e:  # an unexpected failure ends this request, not the server
@@ -110,7 +110,6 @@ class Worker:
         finally:
             job.events.put(_DONE)
             self.records.append(JobRecord(generated, finish, job.reuse.cached_tokens))
-
 
     def _continues_text(self, request: ParsedRequest) -> bool:
         """Whether a completion's first word-start space must be kept. The detokenizer drops it, as decode()

@@ -55,15 +55,32 @@ def from_scratch(lm, ids, max_tokens=8):
     return om.generate(lm[0], lm[1], ids, GenerationOptions(max_tokens=max_tokens))
 
 
+class CountingModel:
+    """The model, counting the token positions it is fed (prefill and decode steps alike)."""
+
+    def __init__(self, model):
+        self.model, self.args, self.layers, self.fed = model, model.args, model.layers, 0
+
+    def hidden(self, ids, cache=None):
+        self.fed += ids.shape[1]
+        return self.model.hidden(ids, cache)
+
+    def logits(self, hidden):
+        return self.model.logits(hidden)
+
+
 def test_second_turn_prefills_only_the_new_part(lm):
-    chat = session(lm)
+    counting = CountingModel(lm[0])
+    chat = ChatSession(counting, lm[1], ZEPHYR, GenerationOptions(max_tokens=8))
     chat.ask("Hello world")
     first_ids = chat.prompt_ids()
     first = "".join(r.text for r in chat.reply())
     assert (chat.stats.cached_tokens, chat.stats.prefilled_tokens) == (0, len(first_ids))
     reply_tokens = chat.messages[-1].tokens
     assert len(reply_tokens) == 8 and first == from_scratch(lm, first_ids).text
+    assert counting.fed == len(first_ids) + 8 - 1  # the prompt, then each reply token but the last
 
+    counting.fed = 0
     chat.ask("Once upon a time")
     second_ids = chat.prompt_ids()
     assert second_ids[: len(first_ids) + 8] == first_ids + reply_tokens  # the model's own tokens, not re-encoded
@@ -74,6 +91,8 @@ def test_second_turn_prefills_only_the_new_part(lm):
     # the new part: the reply's last token, then the EOS that closes the turn, then the user's message
     assert second_ids[chat.stats.cached_tokens: chat.stats.cached_tokens + 2] == [reply_tokens[-1], EOS]
     assert second == from_scratch(lm, second_ids).text
+    assert counting.fed == chat.stats.prefilled_tokens + 8 - 1  # counted by the model itself
+    assert chat.stats.prefilled_tokens < len(second_ids) - len(first_ids)  # less than the new messages
 
 
 def test_turn_ended_by_eos_is_closed_once(lm, dirs):
