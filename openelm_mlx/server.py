@@ -35,6 +35,7 @@ DEFAULT_QUEUE_SIZE = 16  # requests waiting behind the running one; more get 503
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 SOCKET_TIMEOUT_S = 60  # a client that stops sending its request is dropped after this
 CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client is still there
+WORKER_POLL_S = 0.5  # how often an idle worker wakes (so the main thread sees Ctrl-C)
 ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
 _DONE = object()  # end of a job's events
 
@@ -78,12 +79,21 @@ class Worker:
     def run(self) -> None:
         """Serve jobs until `stop`."""
         try:
-            while (job := self.jobs.get()) is not None:
+            while (job := self._next_job()) is not None:
                 self._run_job(job)
         finally:
             mx.synchronize()
             if threading.current_thread() is not threading.main_thread():
                 mx.clear_streams()  # a thread that used MLX must release its streams before it ends
+
+    def _next_job(self) -> Optional[Job]:
+        # Waits in short slices: Ctrl-C may be delivered to another thread, and the main thread only
+        # notices it between waits (a lock wait without a timeout is not interrupted then).
+        while True:
+            try:
+                return self.jobs.get(timeout=WORKER_POLL_S)
+            except queue.Empty:
+                continue
 
     def _run_job(self, job: Job) -> None:
         generated, finish = 0, "cancelled"
