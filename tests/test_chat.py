@@ -251,3 +251,15 @@ def test_terminal_session_with_ctrl_c_during_a_reply(dirs):
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--chat-template", "nope"], "no chat template 'nope'"),
+    (["--top-p", "5"], "top_p must be in (0, 1]"),
+])
+def test_bad_options_are_one_line_errors(dirs, capsys, extra, says):
+    from openelm_mlx.cli import main
+
+    assert main(["chat", "--model", str(dirs[0]), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("openelm-mlx chat: error: ") and says in err[0]
