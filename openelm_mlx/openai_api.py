@@ -59,6 +59,8 @@ def parse_request(kind: str, body: bytes, served: ServedModel) -> ParsedRequest:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = _field(data, "model", str, None)

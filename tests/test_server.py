@@ -250,6 +250,7 @@ def test_malformed_and_hostile_requests_get_openai_errors(server, client, lm):
     assert_error(post(server, path, None, raw=b"{not json"), 400, says="not valid JSON")
     assert_error(post(server, path, None, raw=b"\xff\xfe"), 400, says="not valid JSON")
     assert_error(post(server, path, [1, 2]), 400, says="JSON object")
+    assert_error(post(server, path, None, raw=b"[" * 200_000), 400, says="nests too deeply")
     assert_error(post(server, path, {"messages": "hi"}), 400, param="messages")
     assert_error(post(server, path, {"messages": []}), 400, param="messages")
     assert_error(post(server, path, {"messages": [{"role": "tool", "content": "x"}]}), 400, param="messages[0].role")
