@@ -294,7 +294,7 @@ def _raw_exchange(port: int, data: bytes, read: bool = True) -> bytes:
 
 
 def test_huge_bodies_and_broken_http(server, client, lm):
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
     reply = _raw_exchange(server.port, head + b"Content-Length: 1000000000\r\n\r\n{\"prompt\": \"")
     assert reply.startswith(b"HTTP/1.1 413") and b'"error"' in reply
     reply = _raw_exchange(server.port, head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
