@@ -1,4 +1,4 @@
-"""The `openelm-mlx` command. Subcommands: generate (later: convert, bench, chat, serve)."""
+"""The `openelm-mlx` command. Subcommands: generate, chat, serve (later: convert, bench)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="print no statistics")
     _add_sampling_options(gen)
     gen.set_defaults(run=cmd_generate)
+    from . import chat, server  # their subcommands live with them
+
+    chat.register(sub)
+    server.register(sub)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""A KV cache that remembers which token ids it holds, so a prompt sharing a prefix with the last one
+prefills only the rest (a chat's next turn, a server's next request in the same conversation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+from .cache import KVCache, make_cache
+from .generation import GenerationOptions, GenerationResponse, stream_generate
+from .model import Model
+from .tokenizer import Tokenizer
+
+
+class PromptCache:
+    """One sequence's KV cache plus the ids of the positions it holds.
+
+    Not thread-safe: one owner (the chat loop, the server's worker) uses it.
+    """
+
+    def __init__(self, model: Model, *, sliding_window: bool = False):
+        self.model = model
+        self.max_size = model.args.max_context_length if sliding_window else None
+        self.cache: List[KVCache] = []
+        self.tokens: List[int] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = make_cache(len(self.model.layers), max_size=self.max_size)
+        self.tokens = []
+
+    def reuse(self, prompt: Sequence[int]) -> List[int]:
+        """Trim the cache to the longest prefix it shares with `prompt`; return the ids still to prefill
+        (at least one: generation starts by feeding a token)."""
+        common = 0
+        for cached, new in zip(self.tokens, prompt):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)
+        for layer_cache in self.cache:
+            layer_cache.trim(layer_cache.offset - common)
+        self.tokens = self.tokens[:common]
+        return list(prompt[common:])
+
+    def sync(self, fed: Sequence[int]) -> None:
+        """Record what the cache now holds after `fed` (the prefilled ids, then the generated ones) went
+        through it, however generation ended (finished, interrupted, failed)."""
+        known = self.tokens + list(fed)
+        held = min(c.offset for c in self.cache)
+        if any(c.size != c.offset for c in self.cache) or held > len(known):
+            self.reset()  # a sliding window dropped positions: the ids no longer map onto the cache
+            return
+        for layer_cache in self.cache:  # an interrupted step may have reached only some layers
+            layer_cache.trim(layer_cache.offset - held)
+        self.tokens = known[:held]
+
+    def generate(self, tokenizer: Tokenizer, prompt: Sequence[int], options: GenerationOptions,
+                 stats: Optional["ReuseStats"] = None) -> Iterator[GenerationResponse]:
+        """`stream_generate` for the whole `prompt`, prefilling only what the cache does not hold.
+
+        Stop consuming (or close the iterator) at any time: the cache stays consistent.
+        """
+        new = self.reuse(prompt)
+        if stats is not None:
+            stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
+        generated: List[int] = []
+        try:
+            for response in stream_generate(self.model, tokenizer, new, options, cache=self.cache):
+                if response.token >= 0:
+                    generated.append(response.token)
+                yield response
+        finally:
+            self.sync(new + generated)
+
+
+@dataclass
+class ReuseStats:
+    """How a prompt was split between the cache and the prefill (filled in by PromptCache.generate)."""
+
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0

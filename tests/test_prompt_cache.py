@@ -1,0 +1,51 @@
+"""PromptCache: the longest shared prefix is reused, whatever the previous request was, and a cache whose
+positions no longer match its ids (a sliding window dropped some) starts over."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving import tiny_chat_checkpoint
+import openelm_mlx as om
+from openelm_mlx import GenerationOptions
+from openelm_mlx.prompt_cache import PromptCache, ReuseStats
+
+
+@pytest.fixture(scope="module")
+def lms(tmp_path_factory, spm_model):
+    root = tmp_path_factory.mktemp("prompt_cache")
+    return (om.load(tiny_chat_checkpoint(root / "full", spm_model), dtype="float32"),
+            om.load(tiny_chat_checkpoint(root / "short", spm_model, context=32), dtype="float32"))
+
+
+def run(cache, lm, ids, **options):
+    stats = ReuseStats()
+    tokens = [r.token for r in cache.generate(lm[1], ids, GenerationOptions(**options), stats)]
+    return tokens, stats
+
+
+@pytest.mark.parametrize("second", ["same", "shorter", "longer", "different"])
+def test_reuse_equals_from_scratch(lms, second):
+    lm = lms[0]
+    first = lm[1].encode("Once upon a time there was a model")
+    ids = {"same": first, "shorter": first[:4], "longer": first + [40, 41, 42],
+           "different": lm[1].encode("Hello world")}[second]
+    cache = PromptCache(lm[0])
+    generated, _ = run(cache, lm, first, max_tokens=6)
+    assert cache.tokens == first + generated[:-1]
+    tokens, stats = run(cache, lm, ids, max_tokens=6)
+    common = next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), min(len(first), len(ids)))
+    assert stats.cached_tokens == min(common, len(ids) - 1)  # at least one token is always fed
+    assert stats.prefilled_tokens == len(ids) - stats.cached_tokens
+    assert tokens == om.generate(lm[0], lm[1], ids, GenerationOptions(max_tokens=6)).tokens
+
+
+def test_a_sliding_window_that_dropped_positions_starts_over(lms):
+    lm = lms[1]
+    cache = PromptCache(lm[0], sliding_window=True)
+    ids = lm[1].encode("Hello world")
+    generated, _ = run(cache, lm, ids, max_tokens=40, sliding_window=True)  # runs past the 32-token context
+    assert len(generated) == 40 and cache.tokens == [] and cache.cache[0].offset == 0
+    tokens, stats = run(cache, lm, ids, max_tokens=6)
+    assert stats.cached_tokens == 0
+    assert tokens == om.generate(lm[0], lm[1], ids, GenerationOptions(max_tokens=6)).tokens
