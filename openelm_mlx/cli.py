@@ -1,4 +1,4 @@
-"""The `openelm-mlx` command. Subcommands: generate (later: convert, bench, chat, serve)."""
+"""The `openelm-mlx` command. Subcommands: generate, convert (later: bench, chat, serve)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="print no statistics")
     _add_sampling_options(gen)
     gen.set_defaults(run=cmd_generate)
+    from .convert.cli import register as register_convert  # its own module: torch-free, imports lazily
+
+    register_convert(sub)
     return parser
 
 
