@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loading import DEFAULT_DTYPE, DTYPES
 
-from .converter import DEFAULT_GROUP_SIZE, REPORT_FILE, ConvertOptions, convert
+from .converter import DEFAULT_GROUP_SIZE, ConvertOptions, convert
 from .quantize import BITS, GROUP_SIZES
 from .recipe import RECIPES
 from .writer import DEFAULT_SHARD_GB
@@ -67,16 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m openelm_mlx.convert`: the same command as `openelm-mlx convert`."""
-    parser = argparse.ArgumentParser(prog="python -m openelm_mlx.convert", description=DESCRIPTION,
-                                     epilog=f"A quantized output holds {REPORT_FILE} (the quality report).")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except OpenELMError as e:
-        print(f"openelm-mlx convert: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return 130
+    """`python -m openelm_mlx.convert ARGS`: exactly `openelm-mlx convert ARGS`."""
+    from openelm_mlx.cli import main as openelm_main
+
+    return openelm_main(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -16,8 +16,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from openelm_mlx.config import ModelArgs
-from openelm_mlx.errors import ConfigError, LoadError
-from openelm_mlx.loading import HUB_FILES, INDEX_FILE, resolve_model_dir
+from openelm_mlx.errors import LoadError
+from openelm_mlx.loading import HUB_FILES, INDEX_FILE, read_json_object, resolve_model_dir
 from openelm_mlx.model import Model
 
 from . import corenet
@@ -176,13 +176,7 @@ def _config_beside(path: Path, config: Optional[Path]) -> Dict:
     config_path = Path(config) if config is not None else path.parent / "config.json"
     if not config_path.is_file():
         raise LoadError(f"{path.parent} has no config.json: pass --config with the model's config.json")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_path} must hold a JSON object")
-    return raw
+    return read_json_object(config_path)
 
 
 def _find_yaml(directory: Path) -> Path:

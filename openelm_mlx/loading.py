@@ -90,11 +90,18 @@ def read_config(model_dir: Path) -> ModelArgs:
     path = model_dir / "config.json"
     if not path.is_file():
         raise LoadError(f"{model_dir} has no config.json: is it an OpenELM checkpoint directory?")
+    return ModelArgs.from_dict(read_json_object(path))
+
+
+def read_json_object(path: Path) -> dict:
+    """A config file's JSON object; ConfigError naming the file when it is not one."""
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return ModelArgs.from_dict(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def read_weights(model_dir: Path) -> Dict[str, mx.array]:

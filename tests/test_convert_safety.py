@@ -4,13 +4,10 @@ one clear line naming the file or tensor (exit 2, no traceback), and OUT is all-
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
