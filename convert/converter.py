@@ -71,6 +71,7 @@ def _stderr(message: str) -> None:
 def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) -> Optional[Dict]:
     """Convert options.source into an MLX directory at options.out; returns the quality report, if any."""
     options.validate()
+    output = AtomicDirectory(options.out, force=options.force)
     source = open_source(options.source, config=options.config, keep_vocab_padding=options.keep_vocab_padding)
     args, dtype = source.args, DTYPES[options.dtype]
     check_float16(args, dtype, options.force_float16)
@@ -87,7 +88,7 @@ def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) ->
     if plan and options.report and tokenizer is None:
         log("note: no tokenizer, so no quality report (pass --tokenizer to get one)")
 
-    with AtomicDirectory(options.out, force=options.force) as tmp:
+    with output as tmp:
         reference = _reference_model(source, log) if (want_report or options.recipe == "mixed") else None
         recipe_record = None
         if options.recipe == "mixed":

@@ -30,13 +30,18 @@ class AtomicDirectory:
     """`with AtomicDirectory(out, force=...) as tmp:` write into tmp; OUT appears only if the block succeeds."""
 
     def __init__(self, out: Path, *, force: bool):
+        """Refuses an existing OUT (without --force) at once, before any slow work."""
         self.out = Path(out)
         self.force = force
         self.tmp: Optional[Path] = None
+        self._check_free()
 
-    def __enter__(self) -> Path:
+    def _check_free(self) -> None:
         if self.out.exists() and not self.force:
             raise OutputExistsError(f"{self.out} already exists: choose another OUT, or pass --force to replace it")
+
+    def __enter__(self) -> Path:
+        self._check_free()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_partials()
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"

@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .convert.cli import register as register_convert
 from .errors import OpenELMError
 from .generation import GenerationOptions
 
@@ -52,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="print no statistics")
     _add_sampling_options(gen)
     gen.set_defaults(run=cmd_generate)
-    from .convert.cli import register as register_convert  # its own module: torch-free, imports lazily
-
     register_convert(sub)
     return parser
 
