@@ -121,11 +121,12 @@ def build_report(*, qualities: List[TextQuality], parameters: int, nbytes: int, 
 
 def format_report(report: Dict) -> str:
     q = report["quantization"]
+    w = max(12, *(len(t["text"]) for t in report["texts"]))
     lines = [f"quality report ({q.get('recipe', 'uniform')}, {q['bits']}-bit default, group {q['group_size']}): "
              f"{report['parameters']:,} parameters, {report['bytes']:,} bytes, "
              f"{report['bits_per_weight']:.3f} bits/weight",
-             f"  {'text':<12} {'tokens':>6} {'mean KL':>10} {'top-1':>7} {'ppl (orig)':>11} {'ppl (quant)':>11}"]
+             f"  {'text':<{w}} {'tokens':>6} {'mean KL':>10} {'top-1':>7} {'ppl (orig)':>11} {'ppl (quant)':>11}"]
     for t in report["texts"]:
-        lines.append(f"  {t['text']:<12} {t['tokens']:>6} {t['mean_kl']:>10.5f} {t['top1_agreement']:>7.3f} "
+        lines.append(f"  {t['text']:<{w}} {t['tokens']:>6} {t['mean_kl']:>10.5f} {t['top1_agreement']:>7.3f} "
                      f"{t['perplexity_unquantized']:>11.2f} {t['perplexity_quantized']:>11.2f}")
     return "\n".join(lines)
