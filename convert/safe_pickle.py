@@ -149,6 +149,8 @@ def read_torch_zip(path: Path) -> Dict[str, Any]:
         if len(pickles) != 1:
             raise LoadError(f"{path} is a zip but not a PyTorch checkpoint (no single <name>/data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
+            raise LoadError(f"{path} was saved on a big-endian machine: not supported")
         try:
             with zf.open(pickles[0]) as f:
                 obj = _RestrictedUnpickler(f, source=path, prefix=prefix, entries=set(names)).load()

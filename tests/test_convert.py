@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import openelm_mlx
 from openelm_mlx.cli import main
@@ -95,17 +96,11 @@ def test_bfloat16_sources_are_read_bit_exactly(tmp_path, config, state, spm_mode
     else:
         source = write_hf_checkpoint(tmp_path / "src", config, state, dtype="bfloat16")
     run_convert(source, tmp_path / "out", dtype="float32", tokenizer=spm_model)
-    params = dict(openelm_mlx_params(load_model(tmp_path / "out", dtype="float32")))
+    params = dict(tree_flatten(load_model(tmp_path / "out", dtype="float32").parameters()))
     for name, value in rounded(state).items():
         np.testing.assert_array_equal(np.array(params[name]), value, err_msg=name)
     np.testing.assert_allclose(logits_of(tmp_path / "out"), reference_logits(config, rounded(state), IDS),
                                rtol=0, atol=1e-4)
-
-
-def openelm_mlx_params(model):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(model.parameters())
 
 
 def test_float16_source(tmp_path, config, state, spm_model):
@@ -124,7 +119,7 @@ def corenet_state():
 
 
 @pytest.mark.parametrize("wrap", [False, True])
-def test_corenet_checkpoint_drops_padding_rows(tmp_path, corenet_state, wrap, capsys):
+def test_corenet_checkpoint_drops_padding_rows(tmp_path, corenet_state, wrap):
     checkpoint = write_corenet_checkpoint(tmp_path / "corenet", corenet_state, wrap=wrap)
     messages = []
     convert(ConvertOptions(source=str(checkpoint), out=tmp_path / "out", dtype="float32"), log=messages.append)
