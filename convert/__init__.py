@@ -1,5 +1,6 @@
-"""Checkpoint conversion (PyTorch -> MLX, quantization). Installed as `openelm_mlx.convert`.
+"""Checkpoint conversion to MLX (PyTorch, CoreNet, MLX sources; quantization with a quality report).
+Installed as `openelm_mlx.convert`; the command is `openelm-mlx convert` or `python -m openelm_mlx.convert`."""
 
-Empty until the converter issue lands; the package exists so the layout and its mapping under
-the `openelm_mlx` namespace (no top-level `convert` in site-packages) are fixed from the start.
-"""
+from .converter import ConvertOptions, convert
+
+__all__ = ["ConvertOptions", "convert"]

@@ -1,4 +1,4 @@
-"""The `openelm-mlx` command. Subcommands: generate, chat, serve (later: convert, bench)."""
+"""The `openelm-mlx` command. Subcommands: generate, convert, chat, serve (later: bench)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .convert.cli import register as register_convert
 from .errors import OpenELMError
 from .generation import GenerationOptions
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
     from . import chat, server  # their subcommands live with them
 
+    register_convert(sub)
     chat.register(sub)
     server.register(sub)
     return parser

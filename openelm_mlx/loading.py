@@ -45,8 +45,9 @@ def load(path_or_repo: str | Path, *, dtype: Optional[str] = None, tokenizer: Op
     return model, tok
 
 
-def resolve_model_dir(path_or_repo: str | Path) -> Path:
-    """A local directory as is; otherwise a hub repo id, downloaded (only the needed files)."""
+def resolve_model_dir(path_or_repo: str | Path, *, allow_patterns: Optional[list] = None) -> Path:
+    """A local directory as is; otherwise a hub repo id, downloaded (only the files matching
+    `allow_patterns`, by default those the loader reads)."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -56,16 +57,16 @@ def resolve_model_dir(path_or_repo: str | Path) -> Path:
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_repo:
         raise LoadError(f"no such directory: {text} (pass a model directory or a Hugging Face repo id like apple/OpenELM-270M)")
-    return _download(text)
+    return _download(text, allow_patterns or HUB_FILES)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, allow_patterns: list) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except GatedRepoError:
         raise LoadError(f"{repo_id} is gated: accept its license on the Hub, then run `huggingface-cli login`") from None
     except RepositoryNotFoundError:
@@ -89,11 +90,18 @@ def read_config(model_dir: Path) -> ModelArgs:
     path = model_dir / "config.json"
     if not path.is_file():
         raise LoadError(f"{model_dir} has no config.json: is it an OpenELM checkpoint directory?")
+    return ModelArgs.from_dict(read_json_object(path))
+
+
+def read_json_object(path: Path) -> dict:
+    """A config file's JSON object; ConfigError naming the file when it is not one."""
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return ModelArgs.from_dict(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def read_weights(model_dir: Path) -> Dict[str, mx.array]:
@@ -111,8 +119,9 @@ def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     else:
         files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
-        hint = " (PyTorch .bin/.pt checkpoints are not loaded directly: convert them to safetensors first)" if any(
-            model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) else ""
+        has_torch = any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
+        hint = (" (PyTorch .bin/.pt checkpoints are not loaded directly: convert them with "
+                f"`openelm-mlx convert {model_dir} OUT`)") if has_torch else ""
         raise LoadError(f"no model*.safetensors in {model_dir}{hint}")
     weights: Dict[str, mx.array] = {}
     for file in files:

@@ -1,0 +1,208 @@
+"""The converter on bad input: malicious pickles run nothing, damaged files and contradicting configs get
+one clear line naming the file or tensor (exit 2, no traceback), and OUT is all-or-nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from openelm_mlx.cli import main
+
+from convert_helpers import (CORENET_YAML, malicious_pickle, malicious_torch_zip, write_bin_checkpoint, write_corenet_checkpoint,
+                             zip_bytes_truncated)
+from helpers import random_state_dict, tiny_config, write_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def state(config):
+    return random_state_dict(config, seed=7)
+
+
+def fails(capsys, *argv) -> str:
+    """Run `openelm-mlx convert ARGV`; it must fail with exit 2 and one error line. Returns that line."""
+    assert main(["convert", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("openelm-mlx convert: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ malicious pickles
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "checkpoint.pt"])
+@pytest.mark.parametrize("via,global_name", [("system", "posix.system"), ("exec", "__builtin__.exec")])
+def test_malicious_torch_zip_is_refused_and_runs_nothing(tmp_path, capsys, config, name, via, global_name):
+    marker = tmp_path / "pwned"
+    # Sanity: plain pickle WOULD run the payload (so the test below can fail).
+    import pickle
+
+    pickle.loads(malicious_pickle(marker, via))
+    assert marker.exists()
+    marker.unlink()
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.yaml").write_text(CORENET_YAML)
+    evil = malicious_torch_zip(tmp_path / name, marker, via)
+    line = fails(capsys, evil, tmp_path / "out")
+    assert "was refused" in line and global_name in line and "nothing was executed" in line
+    assert not marker.exists(), "the pickle's payload ran"
+    assert not (tmp_path / "out").exists()
+
+
+def test_legacy_raw_pickle_is_refused_unread(tmp_path, capsys, config):
+    marker = tmp_path / "pwned"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "pytorch_model.bin").write_bytes(malicious_pickle(marker))
+    line = fails(capsys, tmp_path, tmp_path / "out")
+    assert "not a zip-format PyTorch checkpoint" in line and "pytorch_model.bin" in line
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ damaged files
+
+
+def test_truncated_safetensors_names_the_file(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    file = source / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    line = fails(capsys, source, tmp_path / "out")
+    assert "model.safetensors is truncated" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_garbage_safetensors_header(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    data = bytearray((source / "model.safetensors").read_bytes())
+    data[8:20] = b"\x00garbage!!\xff\xfe\x01"
+    (source / "model.safetensors").write_bytes(bytes(data))
+    assert "model.safetensors is corrupt" in fails(capsys, source, tmp_path / "out")
+
+
+def test_truncated_bin_zip_names_the_file(tmp_path, capsys, config, state):
+    source = write_bin_checkpoint(tmp_path / "bin", config, state)
+    zip_bytes_truncated(source / "pytorch_model.bin")
+    line = fails(capsys, source, tmp_path / "out")
+    assert "pytorch_model.bin" in line and ("truncated" in line or "corrupt" in line)
+
+
+def test_corrupted_storage_in_bin(tmp_path, capsys, config, state):
+    # A storage entry cut short: found when that tensor is read, named with its file.
+    source = write_bin_checkpoint(tmp_path / "bin", config, state)
+    path = source / "pytorch_model.bin"
+    with zipfile.ZipFile(path) as zf:
+        entries = {info.filename: zf.read(info.filename) for info in zf.infolist()}
+    storage = next(n for n in entries if "/data/" in n and len(entries[n]) > 1000)
+    entries[storage] = entries[storage][:100]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    line = fails(capsys, source, tmp_path / "out")
+    assert "pytorch_model.bin" in line and "truncated or corrupt" in line
+
+
+def test_missing_tensor_is_named(tmp_path, capsys, config, state):
+    partial = {k: v for k, v in state.items() if k != "transformer.layers.1.ffn.proj_2.weight"}
+    source = write_hf_checkpoint(tmp_path / "hf", config, partial)
+    assert "transformer.layers.1.ffn.proj_2.weight" in fails(capsys, source, tmp_path / "out")
+
+
+def test_extra_tensor_is_named(tmp_path, capsys, config, state):
+    import numpy as np
+
+    source = write_bin_checkpoint(tmp_path / "bin", config, {**state, "transformer.layers.9.attn.bias": np.zeros(4, np.float32)})
+    line = fails(capsys, source, tmp_path / "out")
+    assert "transformer.layers.9.attn.bias (in pytorch_model.bin)" in line
+
+
+def test_shape_contradicting_config_names_tensor_and_both_shapes(tmp_path, capsys, config, state):
+    wrong = dict(config, num_query_heads=[8] + config["num_query_heads"][1:], num_kv_heads=[2] + config["num_kv_heads"][1:])
+    source = write_hf_checkpoint(tmp_path / "hf", wrong, state)
+    line = fails(capsys, source, tmp_path / "out")
+    assert "transformer.layers.0.attn.out_proj.weight has shape (64, 64) but the config implies (64, 128)" in line
+
+
+def test_corenet_without_yaml(tmp_path, capsys):
+    from convert_helpers import corenet_config
+
+    checkpoint = write_corenet_checkpoint(tmp_path / "c", random_state_dict(corenet_config(32128), std=0.05))
+    (checkpoint.parent / "openelm_gpt_test.yaml").unlink()
+    assert "pass --config with the training YAML" in fails(capsys, checkpoint, tmp_path / "out")
+
+
+def test_no_checkpoint_at_all(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "holds no checkpoint" in fails(capsys, tmp_path / "empty", tmp_path / "out")
+
+
+def test_hub_repo_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = {}
+
+    def offline(repo_id, **kwargs):
+        seen.update(kwargs)
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    line = fails(capsys, "apple/OpenELM-270M", tmp_path / "out")
+    assert "Hugging Face Hub is unreachable" in line
+    assert "pytorch_model*.bin" in seen["allow_patterns"]  # a .bin-only repo is fetched too
+
+
+# ------------------------------------------------------------------ OUT is all or nothing
+
+
+def test_existing_out_refused_unless_force(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists" in fails(capsys, source, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["convert", str(source), str(out), "--force"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_failure_midway_leaves_no_out(tmp_path, capsys, config, state):
+    source = write_bin_checkpoint(tmp_path / "bin", config, state)
+    zip_bytes_truncated(source / "pytorch_model.bin", keep=0.97)  # late storages are cut: fails while converting
+    fails(capsys, source, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_out(tmp_path, spm_model):
+    # A checkpoint big enough that converting it takes a few seconds; SIGKILL after the first tensor.
+    config = tiny_config(num_layers=4, model_dim=512, head_dim=64, num_query_heads=[8] * 4, num_kv_heads=[2] * 4,
+                         ffn_multipliers=[4.0] * 4, vocab_size=8192, ffn_dim_divisor=256)
+    source = write_hf_checkpoint(tmp_path / "hf", config, random_state_dict(config), tokenizer=spm_model)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "openelm_mlx.convert", str(source), str(out), "--bits", "4", "--no-report"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("converting: 1/"):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    partials = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(partials) == 1  # the hidden work directory of the killed run...
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # ...removed by the next run
