@@ -95,7 +95,11 @@ def table(rows: Sequence[Dict], system: SystemInfo) -> str:
                 f"[{_num(r['decode_ratio_min'])}-{_num(r['decode_ratio_max'])}], prefill x{_num(r['prefill_ratio'])} "
                 f"[{_num(r['prefill_ratio_min'])}-{_num(r['prefill_ratio_max'])}]"
                 + ("" if r["same_tokens"] else " (greedy tokens differ)"))
-    lines.append("peak MB: during decode, this implementation's own memory (weights + KV cache + work buffers)")
+    lines.append("peak MB: during decode, this implementation's own memory (weights + KV cache + work buffers); "
+                 "GB/s: weight bytes x decode tokens/s")
+    if system.backend == "cpu":
+        lines.append("% copy BW: MLX's CPU copy runs on one thread while a multithreaded BLAS reads weights on all "
+                     "cores, so it can pass 100%")
     return "\n".join(lines)
 
 

@@ -163,10 +163,10 @@ def run_trial(impl: Implementation, prompt: Sequence[int], gen_tokens: int, weig
     )
 
 
-def prompt_ids(args_vocab: int, settings: BenchSettings) -> List[int]:
+def prompt_ids(vocab_size: int, settings: BenchSettings) -> List[int]:
     """Random ids past the special tokens (speed does not depend on which tokens they are)."""
     rng = np.random.default_rng(settings.seed)
-    return [1] + rng.integers(3, args_vocab, size=settings.prompt_tokens - 1).tolist()  # BOS first
+    return [1] + rng.integers(3, vocab_size, size=settings.prompt_tokens - 1).tolist()  # BOS first
 
 
 def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[str] = None,
@@ -177,6 +177,10 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
     `dtype` forces one compute dtype on every implementation; None lets each take its default.
     """
     prompt = list(prompt) if prompt is not None else prompt_ids(checkpoint.args.vocab_size, settings)
+    context = checkpoint.args.max_context_length
+    if len(prompt) + settings.gen_tokens > context:
+        raise InvalidOptionError(f"{len(prompt)} prompt + {settings.gen_tokens} generated tokens exceed the "
+                                 f"model's {context}-token context: lower --prompt-tokens or --gen-tokens")
     builders = [ours] + ([mlx_lm] if settings.vs_mlx_lm else [])
     impls = [build(checkpoint, dtype) for build in builders]
     results = [Measurement(impl=i.name, checkpoint=checkpoint, compute_dtype=i.compute_dtype, requested_dtype=dtype,
@@ -187,7 +191,10 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
             progress(f"warm-up {n + 1}/{settings.warmup}: {impl.name}")
             run_trial(impl, prompt, settings.gen_tokens, result.weight_bytes)
     for n in range(settings.trials):
-        for impl, result in zip(impls, results):  # ours, theirs, ours, theirs, ...
+        # Interleaved, and which goes first alternates (ours, theirs, theirs, ours, ...), so a machine
+        # that slows down or speeds up during the run favours neither.
+        pairs = list(zip(impls, results))
+        for impl, result in pairs if n % 2 == 0 else pairs[::-1]:
             progress(f"trial {n + 1}/{settings.trials}: {impl.name}")
             result.trials.append(run_trial(impl, prompt, settings.gen_tokens, result.weight_bytes))
     del impls

@@ -15,10 +15,10 @@ import mlx.core as mx
 import pytest
 
 from helpers import LLAMA2_TOKENIZER, random_state_dict, tiny_config, write_hf_checkpoint
+from test_cli import run_main
 from openelm_mlx import ModelArgs, blas, loading
 from openelm_mlx.bench.checkpoint import build_model, quantized, synthetic_checkpoint
 from openelm_mlx.bench.runner import PAPER_PROMPT, BenchSettings, measure
-from openelm_mlx.cli import main
 from openelm_mlx.errors import InvalidOptionError
 
 REQUIRED_KEYS = {"impl", "model", "dtype", "bits", "prompt_tokens", "gen_tokens", "prefill_tok_s", "decode_tok_s",
@@ -41,15 +41,6 @@ def small_copy_probe(monkeypatch):
     from openelm_mlx.bench import system
 
     monkeypatch.setattr(system, "COPY_PROBE_BYTES", 4 * 1024 * 1024)
-
-
-def run_main(capsys, argv):
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_vs_mlx_lm_writes_every_field(capsys, tiny_dir, tmp_path):
@@ -134,6 +125,11 @@ def test_bad_options_are_one_line_errors(capsys, argv, needle):
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("openelm-mlx bench: error: ") and needle in err, err
+
+
+def test_prompt_and_generation_must_fit_the_context(capsys, tiny_dir):
+    code, _, err = run_main(capsys, ["bench", "--model", str(tiny_dir), "--prompt-tokens", "2000", "--gen-tokens", "49"])
+    assert code == 2 and "2048-token context" in err and "Traceback" not in err
 
 
 def test_paper_mode_needs_a_tokenizer(capsys, tmp_path, monkeypatch):
