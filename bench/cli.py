@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model and args.size:
         raise InvalidOptionError("give --model or --size, not both (--size picks a synthetic model)")
-    gen_tokens = args.gen_tokens or (PAPER_GEN_TOKENS if args.paper else _DEFAULTS["gen_tokens"])
+    gen_tokens = args.gen_tokens
+    if gen_tokens is None:
+        gen_tokens = PAPER_GEN_TOKENS if args.paper else _DEFAULTS["gen_tokens"]
     settings = BenchSettings(prompt_tokens=args.prompt_tokens, gen_tokens=gen_tokens, trials=args.trials,
                              warmup=args.warmup, vs_mlx_lm=args.vs_mlx_lm)
     for path in (args.json, args.plot):

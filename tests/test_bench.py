@@ -118,6 +118,7 @@ def test_plain_run_prints_a_table_without_mlx_lm(capsys, tiny_dir):
     (["--size", "270M", "--model", "x"], "not both"),
     (["--trials", "0"], "trials must be an integer >= 1"),
     (["--prompt-tokens", "0"], "prompt-tokens must be"),
+    (["--gen-tokens", "0"], "gen-tokens must be"),
     (["--json", "/nonexistent/dir/out.json"], "no such directory"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, needle):
