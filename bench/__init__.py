@@ -1,5 +1,8 @@
-"""Benchmarks (tokens/s, latency, memory). Installed as `openelm_mlx.bench`.
+"""Benchmarks: prefill/decode tokens/s, time to first token, memory and bandwidth, against mlx-lm
+on identical weights. Installed as `openelm_mlx.bench`; the command is `openelm-mlx bench`.
 
-Empty until the benchmark issue lands; the package exists so the layout and its mapping under
-the `openelm_mlx` namespace (no top-level `bench` in site-packages) are fixed from the start.
+- `checkpoint`: the weights every implementation is given (synthetic, a directory, quantized)
+- `runner`: the timing loop (ours and mlx-lm's, trials interleaved) and its settings
+- `system`: device, backend, MLX version, BLAS, copy bandwidth
+- `report`: JSON records, ratios, the table and the plot
 """

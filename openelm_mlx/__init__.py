@@ -1,5 +1,9 @@
 """openelm-mlx: run Apple's OpenELM language models with MLX."""
 
+from . import blas
+
+blas.preload()  # before anything imports mlx.core: MLX binds its BLAS when it is first loaded
+
 from .cache import KVCache, make_cache
 from .config import PRESETS, ModelArgs
 from .errors import ConfigError, ContextLengthError, LoadError, OpenELMError, TokenizerNotFoundError

@@ -1,4 +1,4 @@
-"""The `openelm-mlx` command. Subcommands: generate, convert, chat, serve (later: bench)."""
+"""The `openelm-mlx` command. Subcommands: generate, convert, bench, chat, serve."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="model directory, Hugging Face repo id, or synthetic:SIZE (random weights of a real "
                              "architecture: 270M, 450M, 1_1B, 3B)")
     parser.add_argument("--tokenizer", help="tokenizer.model (the Llama-2 SentencePiece model) if the model has none")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default bfloat16)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="compute dtype (default: bfloat16 on GPUs; on the CPU float32 with OpenBLAS or "
+                             "quantized weights, else bfloat16)")
     parser.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
 
 
@@ -54,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(gen)
     gen.set_defaults(run=cmd_generate)
     from . import chat, server  # their subcommands live with them
+    from .bench.cli import register as register_bench
 
     register_convert(sub)
+    register_bench(sub)
     chat.register(sub)
     server.register(sub)
     return parser
@@ -73,13 +77,13 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 def load_from_args(args: argparse.Namespace):
     """(model, tokenizer) for --model, including synthetic:SIZE."""
     from .config import ModelArgs
-    from .loading import DEFAULT_DTYPE, DTYPES, check_float16, load
+    from .loading import DTYPES, check_float16, default_dtype, load
     from .synthetic import PREFIX, synthetic_model
     from .tokenizer import Tokenizer, find_tokenizer
 
     if args.model.startswith(PREFIX):
         tokenizer = Tokenizer(find_tokenizer(None, args.tokenizer))  # fail fast, before the build
-        size, dtype = args.model[len(PREFIX):], DTYPES[args.dtype or DEFAULT_DTYPE]
+        size, dtype = args.model[len(PREFIX):], DTYPES[args.dtype or default_dtype()]
         check_float16(ModelArgs.from_preset(size), dtype, args.force_float16)
         model = synthetic_model(size, dtype=dtype)
         print(f"[synthetic model: random weights of the real {size} architecture; "

@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import ModelArgs
+from .cpu_split import matmul_t
 
 Mask = Optional[Union[str, mx.array]]
 
@@ -35,7 +36,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nq, nkv = self.num_query_heads, self.num_kv_heads
         # Fused projection output is head-major: nq query heads, then nkv key, then nkv value heads.
-        qkv = self.qkv_proj(x).reshape(B, T, nq + 2 * nkv, self.head_dim)
+        qkv = _project(self.qkv_proj, x).reshape(B, T, nq + 2 * nkv, self.head_dim)
         q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)  # each [B, T, heads, hd]
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm, before RoPE
@@ -46,7 +47,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         # SDPA handles grouped-query attention itself: kv heads are never tiled.
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
+        return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -57,8 +58,8 @@ class FeedForward(nn.Module):
         self.proj_2 = nn.Linear(self.ffn_dim, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # the gate is the FIRST half
-        return self.proj_2(nn.silu(gate) * up)
+        gate, up = mx.split(_project(self.proj_1, x), 2, axis=-1)  # the gate is the FIRST half
+        return _project(self.proj_2, nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -110,12 +111,22 @@ class Model(nn.Module):
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.share_input_output_layers:
-            return self.transformer.token_embeddings.as_linear(hidden)  # tied, also when quantized
-        return self.lm_head(hidden)
+            embedding = self.transformer.token_embeddings
+            if type(embedding) is nn.Embedding:
+                return matmul_t(hidden, embedding.weight)  # tied
+            return embedding.as_linear(hidden)  # tied and quantized
+        return _project(self.lm_head, hidden)
 
     @property
     def layers(self) -> List[DecoderLayer]:
         return self.transformer.layers
+
+
+def _project(layer: nn.Module, x: mx.array) -> mx.array:
+    """A bias-free Linear via `matmul_t` (split across CPU cores where that pays); quantized ones as they are."""
+    if type(layer) is nn.Linear and "bias" not in layer:
+        return matmul_t(x, layer.weight)
+    return layer(x)
 
 
 def _positions(cache: Optional[KVCache]) -> Union[int, mx.array]:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
+
+# The suite runs on mlx[cpu]'s bundled reference BLAS wherever it runs, so a system OpenBLAS (which
+# openelm_mlx would otherwise pick up, and which makes float32 the CPU default) changes no test.
+# tests/test_bench.py checks the OpenBLAS path itself, in subprocesses.
+os.environ.setdefault("OPENELM_MLX_BLAS", "reference")
 
 TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. Python is a programming language.

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 import openelm_mlx
 from openelm_mlx import ConfigError, LoadError, Model, ModelArgs, TokenizerNotFoundError
+from openelm_mlx import loading
 from openelm_mlx.loading import check_float16, load_model
 
 from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, random_state_dict, tiny_config, write_hf_checkpoint
@@ -246,9 +247,10 @@ def test_quantized_mlx_checkpoint_matches_mlx_lm(tmp_path, mlx_lm_api, config, s
     reloaded, _ = mlx_lm_load_model(tmp_path)  # mlx-lm reading the very same files
     np.testing.assert_allclose(np.array(logits), np.array(reloaded(IDS)), rtol=0, atol=1e-5)
 
-    default = load_model(tmp_path)  # bfloat16 scales and biases; packed weights stay uint32
+    default = load_model(tmp_path)  # scales and biases in the default dtype; packed weights stay uint32
     assert default.transformer.token_embeddings.weight.dtype == mx.uint32
-    assert default.transformer.token_embeddings.scales.dtype == mx.bfloat16
+    expected_dtype = loading.DTYPES[loading.default_dtype(quantized=True)]  # float32 on the CPU, else bfloat16
+    assert default.transformer.token_embeddings.scales.dtype == expected_dtype
     assert bool(mx.all(mx.isfinite(default(IDS))).item())
 
 

@@ -1,0 +1,152 @@
+"""Benchmark output: one record per configuration and implementation, ratios, a table, JSON, a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from ..errors import OpenELMError
+from .runner import MLX_LM, OURS, Measurement
+from .system import SystemInfo
+
+
+def record(m: Measurement, system: SystemInfo) -> Dict:
+    """The JSON object of one measurement: medians, min/max over trials, and what ran it."""
+    ckpt = m.checkpoint
+    decode = m.median("decode_tok_s")
+    achieved = m.weight_bytes * decode / 1e9
+    out = {
+        "config": m.config, "impl": m.impl, "model": ckpt.name, "dtype": m.compute_dtype, "checkpoint_dtype": ckpt.stored_dtype,
+        "bits": ckpt.bits, "group_size": ckpt.group_size,
+        "prompt_tokens": m.prompt_tokens, "gen_tokens": m.gen_tokens, "trials": len(m.trials),
+    }
+    for name in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+        low, high = m.spread(name)
+        out.update({name: m.median(name), f"{name}_min": low, f"{name}_max": high})
+    out.update({
+        "peak_memory_bytes": max(t.peak_memory_bytes for t in m.trials),
+        "decode_peak_memory_bytes": max(t.decode_peak_memory_bytes for t in m.trials),
+        "weight_bytes": m.weight_bytes,
+        "kv_cache_bytes": max(t.kv_cache_bytes for t in m.trials),
+        "achieved_bandwidth_gb_s": achieved,
+        "bandwidth_fraction": achieved / system.copy_bandwidth_gb_s if system.copy_bandwidth_gb_s else None,
+        **system.as_dict(),
+    })
+    return out
+
+
+def ratio_record(ours: Measurement, theirs: Measurement) -> Dict:
+    """Our/their medians, and the spread of trial-by-trial ratios (trials were interleaved in pairs)."""
+    out = {"config": ours.config, "impl": f"{OURS}/{MLX_LM}", "model": ours.checkpoint.name, "dtype": ours.compute_dtype,
+           "mlx_lm_dtype": theirs.compute_dtype, "bits": ours.checkpoint.bits,
+           "prompt_tokens": ours.prompt_tokens, "gen_tokens": ours.gen_tokens}
+    for kind in ("decode", "prefill"):
+        name = f"{kind}_tok_s"
+        pairs = [getattr(a, name) / getattr(b, name) for a, b in zip(ours.trials, theirs.trials) if getattr(b, name)]
+        out[f"{kind}_ratio"] = ours.median(name) / theirs.median(name) if theirs.median(name) else None
+        out[f"{kind}_ratio_min"] = min(pairs, default=None)
+        out[f"{kind}_ratio_max"] = max(pairs, default=None)
+    out["same_tokens"] = ours.trials[0].tokens == theirs.trials[0].tokens
+    return out
+
+
+def records(groups: Sequence[List[Measurement]], system: SystemInfo) -> List[Dict]:
+    """Every measurement's record; after each configuration measured against mlx-lm, its ratios."""
+    out = []
+    for group in groups:
+        out.extend(record(m, system) for m in group)
+        by_impl = {m.impl: m for m in group}
+        if MLX_LM in by_impl:
+            out.append(ratio_record(by_impl[OURS], by_impl[MLX_LM]))
+    return out
+
+
+def table(rows: Sequence[Dict], system: SystemInfo) -> str:
+    """A readable table: medians with [min-max] over trials, then the ratios."""
+    lines = [f"device: {system.device}, MLX {system.mlx_version}"
+             + (f", BLAS: {system.blas}" if system.blas else ""),
+             f"copy bandwidth: {system.copy_bandwidth_gb_s:.1f} GB/s (read + write)", ""]
+    header = ("configuration", "impl", "dtype", "prompt", "gen", "prefill tok/s", "decode tok/s", "TTFT ms",
+              "peak MB", "weights MB", "GB/s", "% copy BW")
+    body = []
+    for r in rows:
+        if "decode_tok_s" not in r:
+            continue
+        fraction = r["bandwidth_fraction"]
+        body.append((
+            r["config"], r["impl"], r["dtype"], str(r["prompt_tokens"]), str(r["gen_tokens"]),
+            f"{r['prefill_tok_s']:.1f} [{r['prefill_tok_s_min']:.1f}-{r['prefill_tok_s_max']:.1f}]",
+            f"{r['decode_tok_s']:.2f} [{r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}]",
+            f"{r['ttft_s'] * 1000:.0f}", f"{r['decode_peak_memory_bytes'] / 1e6:.0f}",
+            f"{r['weight_bytes'] / 1e6:.0f}", f"{r['achieved_bandwidth_gb_s']:.2f}",
+            f"{100 * fraction:.0f}%" if fraction is not None else "-",
+        ))
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in body]
+    ratios = [r for r in rows if "decode_ratio" in r]
+    if ratios:
+        lines.append("")
+        for r in ratios:
+            lines.append(
+                f"{r['config']}: ours {r['dtype']} vs mlx-lm {r['mlx_lm_dtype']}: decode x{_num(r['decode_ratio'])} "
+                f"[{_num(r['decode_ratio_min'])}-{_num(r['decode_ratio_max'])}], prefill x{_num(r['prefill_ratio'])} "
+                f"[{_num(r['prefill_ratio_min'])}-{_num(r['prefill_ratio_max'])}]"
+                + ("" if r["same_tokens"] else " (greedy tokens differ)"))
+    lines.append("peak MB: during decode, this implementation's own memory (weights + KV cache + work buffers); "
+                 "GB/s: weight bytes x decode tokens/s")
+    if system.backend == "cpu":
+        lines.append("% copy BW: MLX's CPU copy runs on one thread while a multithreaded BLAS reads weights on all "
+                     "cores, so it can pass 100%")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_json(rows: Sequence[Dict], path: Path) -> None:
+    """A JSON array of the records, written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise OpenELMError("--plot needs matplotlib: pip install 'openelm-mlx[plot]' (or pip install matplotlib)") from None
+
+
+def write_plot(rows: Sequence[Dict], path: Path) -> None:
+    """Bars of prefill and decode tokens/s per configuration, ours beside mlx-lm."""
+    check_plot_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if "decode_tok_s" in r]
+    labels = list(dict.fromkeys(r["config"] for r in measured))  # one group of bars per configuration
+    impls = list(dict.fromkeys(r["impl"] for r in measured))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.5 * len(labels) * len(impls)), 4))
+    width = 0.8 / len(impls)
+    for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"),
+                              (axes[1], "decode_tok_s", "decode tokens/s")):
+        for k, impl in enumerate(impls):
+            values = []
+            for label in labels:
+                match = [r[metric] for r in measured if r["impl"] == impl and r["config"] == label]
+                values.append(match[0] if match else 0.0)
+            ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl)
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))],
+                      [label.replace(", ", "\n") for label in labels], fontsize=7)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{measured[0]['device']}, MLX {measured[0]['mlx_version']}" if measured else "")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

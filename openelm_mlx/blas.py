@@ -1,0 +1,110 @@
+"""An optimized BLAS for MLX's CPU backend on Linux, without LD_PRELOAD.
+
+`mlx[cpu]` wheels link the reference (netlib) BLAS, and MLX's float32 matmuls on the CPU all call
+`cblas_sgemm`. A library loaded with RTLD_GLOBAL before `mlx.core` is imported sits in the global
+symbol scope, which the dynamic linker searches before mlx's own dependencies: loading OpenBLAS
+first makes MLX's float32 matmuls use it (measured 3.4 -> 85 GFLOP/s on a shared 2-core EPYC).
+
+Controlled by the environment variable OPENELM_MLX_BLAS:
+- unset or `auto`: use the system's OpenBLAS when one is installed
+  (Debian/Ubuntu: `apt install libopenblas0-pthread`), else keep mlx's bundled BLAS;
+- `reference`: keep mlx's bundled reference BLAS;
+- a path: load that library (a BLAS exporting `cblas_sgemm`); one that cannot be loaded is
+  reported on stderr and the bundled BLAS is kept.
+
+This module must not import mlx: `preload()` runs before `mlx.core` is first imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Optional
+
+ENV_VAR = "OPENELM_MLX_BLAS"
+_preloaded: Optional[str] = None  # the library `preload` loaded, if any
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def preload() -> Optional[str]:
+    """Load the BLAS chosen by OPENELM_MLX_BLAS into the global scope; return its path (or None).
+
+    Does nothing off Linux, and nothing once `mlx.core` is imported (mlx is bound by then).
+    """
+    global _preloaded
+    choice = os.environ.get(ENV_VAR, "auto").strip() or "auto"
+    if _preloaded or sys.platform != "linux" or choice == "reference" or "mlx.core" in sys.modules:
+        return _preloaded
+    if choice == "auto":
+        path = ctypes.util.find_library("openblas")
+        if path is None:
+            return None
+    else:
+        path = choice
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        if choice == "auto":
+            return None  # an unusable system library is not the user's request: keep the bundled BLAS
+        # Not an exception: this runs while `openelm_mlx` is imported, before any CLI error handling.
+        print(f"openelm-mlx: warning: {ENV_VAR}={choice}: cannot load it ({e}); using mlx's bundled "
+              f"reference BLAS (unset {ENV_VAR} or fix the path)", file=sys.stderr)
+        return None
+    _preloaded = path
+    return path
+
+
+def _global_sgemm_provider() -> Optional[str]:
+    """The library that `cblas_sgemm` resolves to in the global scope (LD_PRELOAD or `preload`)."""
+    try:
+        process = ctypes.CDLL(None)
+        address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
+    info = _DlInfo()
+    if not process.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
+def _mapped_blas() -> Optional[str]:
+    """Path of a mapped library whose name says BLAS (mlx's bundled one), from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1].lower()}
+    except OSError:
+        return None
+    return sorted(paths)[0] if paths else None
+
+
+def _openblas_config(path: str) -> Optional[str]:
+    try:
+        get_config = ctypes.CDLL(path).openblas_get_config
+    except (AttributeError, OSError):
+        return None
+    get_config.restype = ctypes.c_char_p
+    return get_config().decode(errors="replace").strip()
+
+
+def optimized_blas() -> bool:
+    """Whether MLX's float32 CPU matmuls run on an optimized BLAS (OpenBLAS) rather than the reference."""
+    provider = _global_sgemm_provider()
+    return provider is not None and _openblas_config(provider) is not None
+
+
+def describe_blas() -> str:
+    """Which BLAS MLX's CPU matmuls use, in words (Linux); '' elsewhere."""
+    if sys.platform != "linux":
+        return ""
+    provider = _global_sgemm_provider()
+    if provider is not None:
+        config = _openblas_config(provider)
+        return f"{config or 'BLAS'} ({provider})"
+    bundled = _mapped_blas()
+    return f"reference BLAS bundled with mlx[cpu] ({bundled or 'not mapped yet'})"
