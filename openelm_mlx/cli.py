@@ -39,7 +39,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "architecture: 270M, 450M, 1_1B, 3B)")
     parser.add_argument("--tokenizer", help="tokenizer.model (the Llama-2 SentencePiece model) if the model has none")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                        help="compute dtype (default: bfloat16 on GPUs; on the CPU float32 with OpenBLAS or "
+                        help="compute dtype (default: bfloat16 on GPUs; on the CPU float32 with an optimized BLAS or "
                              "quantized weights, else bfloat16)")
     parser.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
 

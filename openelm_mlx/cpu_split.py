@@ -4,7 +4,7 @@ MLX's bfloat16/float16 CPU matmul (and float32 on the reference BLAS) uses one c
 weight's output rows into parts evaluated on separate CPU streams (each stream has its own thread)
 uses the others: measured on this project's 2-core EPYC, a 5120x1280 bfloat16 matvec went from
 6.0 to 3.0 ms. Every output element is still one dot product over the same inputs, so results do
-not change. Not used on GPUs, nor for float32 with OpenBLAS (already multithreaded).
+not change. Not used on GPUs, nor for float32 with MKL or OpenBLAS (already multithreaded).
 """
 
 from __future__ import annotations

@@ -206,10 +206,19 @@ def test_reference_setting_keeps_the_bundled_blas():
 
 @pytest.mark.skipif(sys.platform != "linux" or not blas.ctypes.util.find_library("openblas"),
                     reason="needs a system OpenBLAS (apt install libopenblas0-pthread)")
-def test_system_openblas_is_used_automatically():
-    optimized, dtype, exact, text = _blas_in_subprocess("auto").split("|")
+def test_system_openblas_is_used():
+    # By name (`auto` prefers MKL when the cpu-blas extra is installed too).
+    optimized, dtype, exact, text = _blas_in_subprocess(blas.ctypes.util.find_library("openblas")).split("|")
     assert optimized == "True" and "OpenBLAS" in text and exact == "True"
     assert dtype == "float32"  # float32 is the CPU default once matmuls are fast
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not blas._installed_mkl(),
+                    reason="needs MKL (pip install 'openelm-mlx[cpu-blas]')")
+def test_installed_mkl_is_used_automatically():
+    optimized, dtype, exact, text = _blas_in_subprocess("auto").split("|")
+    assert optimized == "True" and "Math Kernel Library" in text and exact == "True"
+    assert dtype == "float32"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
