@@ -111,9 +111,9 @@ class StopMatcher:
 class CompletionText:
     """The text of one completion as tokens arrive: streaming detokenizer plus stop strings."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], *, continues_text: bool = False):
         self._eos_id = tokenizer.eos_id
-        self._detokenizer = tokenizer.detokenizer()
+        self._detokenizer = tokenizer.detokenizer(continues_text=continues_text)
         self._stops = StopMatcher(stops)
 
     def add(self, token: int) -> Tuple[str, bool]:
@@ -188,10 +188,12 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
                     options: Optional[GenerationOptions] = None, *,
-                    cache: Optional[List[KVCache]] = None) -> Iterator[GenerationResponse]:
+                    cache: Optional[List[KVCache]] = None,
+                    continues_text: bool = False) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS, or token ids), one response per token.
 
-    Text segments concatenate to the decoded completion without stop strings or EOS. Pass a
+    Text segments concatenate to the decoded completion without stop strings or EOS; with
+    `continues_text` the completion's first word keeps its space (it continues the text before). Pass a
     `cache` from an earlier call to continue from it (only `prompt` is prefilled). When generation
     ends, the cache holds the prompt and every generated token but the last, whatever the finish
     reason: a follow-up prompt starts with that last token.
@@ -204,7 +206,7 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     limit = options.max_tokens if room is None else min(options.max_tokens, room)
     if cache is None:
         cache = make_cache(len(model.layers), max_size=_window(model, options))
-    completion = CompletionText(tokenizer, options.stop)
+    completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()

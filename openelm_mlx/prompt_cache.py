@@ -56,7 +56,8 @@ class PromptCache:
         self.tokens = known[:held]
 
     def generate(self, tokenizer: Tokenizer, prompt: Sequence[int], options: GenerationOptions,
-                 stats: Optional["ReuseStats"] = None) -> Iterator[GenerationResponse]:
+                 stats: Optional["ReuseStats"] = None, *,
+                 continues_text: bool = False) -> Iterator[GenerationResponse]:
         """`stream_generate` for the whole `prompt`, prefilling only what the cache does not hold.
 
         Stop consuming (or close the iterator) at any time: the cache stays consistent.
@@ -66,7 +67,8 @@ class PromptCache:
             stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
         generated: List[int] = []
         try:
-            for response in stream_generate(self.model, tokenizer, new, options, cache=self.cache):
+            for response in stream_generate(self.model, tokenizer, new, options, cache=self.cache,
+                                            continues_text=continues_text):
                 if response.token >= 0:
                     generated.append(response.token)
                 yield response

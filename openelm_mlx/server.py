@@ -17,7 +17,7 @@ import select
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Deque, Optional, TextIO
 
@@ -101,13 +101,10 @@ class Worker:
             if job.cancelled.is_set():
                 return
             responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, job.request.options,
-                                                   job.reuse)
-            keep_space = self._continues_text(job.request)
+                                                   job.reuse, continues_text=self._continues_text(job.request))
             try:
                 for response in responses:
                     generated = response.generation_tokens
-                    if generated == 1 and keep_space and self.tokenizer.starts_word(response.token):
-                        response = replace(response, text=" " + response.text)
                     job.events.put(response)
                     finish = response.finish_reason or finish
                     if job.cancelled.is_set() and not response.finish_reason:
@@ -122,11 +119,10 @@ class Worker:
             self.records.append(JobRecord(generated, finish, job.reuse.cached_tokens))
 
     def _continues_text(self, request: ParsedRequest) -> bool:
-        """Whether a completion's first word-start space must be kept. The detokenizer drops it, as decode()
-        does at the start of a text, but a completion continues its prompt: prompt + completion must read
-        as decode(prompt + completion ids), e.g. "Once upon a time" + " there"."""
-        return (request.kind == COMPLETION and self.tokenizer.strips_first_space
-                and self.tokenizer.decode(request.prompt_ids) != "")
+        """Whether a completion's first word keeps its space. decode() drops it at the start of a text,
+        but a completion continues its prompt: prompt + completion must read as decode(prompt +
+        completion ids), e.g. "Once upon a time" + " there"."""
+        return request.kind == COMPLETION and self.tokenizer.decode(request.prompt_ids) != ""
 
 
 class OpenAIServer(ThreadingHTTPServer):

@@ -88,8 +88,8 @@ class Tokenizer:
         """Whether the piece begins with the word-start marker (decode() may drop it at the start)."""
         return 0 <= token < self.vocab_size and self._word_start[token]
 
-    def detokenizer(self) -> "StreamingDetokenizer":
-        return StreamingDetokenizer(self)
+    def detokenizer(self, *, continues_text: bool = False) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self, continues_text=continues_text)
 
 
 class StreamingDetokenizer:
@@ -100,12 +100,15 @@ class StreamingDetokenizer:
     the concatenated segments equal `tokenizer.decode(all_tokens)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, *, continues_text: bool = False):
+        """continues_text: the tokens follow text already shown (a completion after its prompt), so the
+        first word keeps its space, as in decode(prompt + tokens); by default they start a text."""
         self._tokenizer = tokenizer
         self.text = ""
         self.tokens: List[int] = []
         self._pending = b""
-        self._at_start = tokenizer.strips_first_space  # no text yet: a word-start space would be dropped
+        # No text yet: a word-start space would be dropped.
+        self._at_start = tokenizer.strips_first_space and not continues_text
 
     def add_token(self, token: int) -> str:
         """Add one token; return the newly complete text (possibly empty)."""

@@ -243,6 +243,23 @@ def test_streaming_leading_lone_spaces(llama_like):
     assert sp.decode([space, space]) == " "
 
 
+def test_continuation_keeps_the_first_words_space(llama_like):
+    """A completion continues its prompt: streamed with continues_text, its segments equal what
+    decode(prompt + completion) adds to decode(prompt), first word-start space included."""
+    sp = llama_like.sp
+    prompt = sp.encode("Once upon a")
+    rng = random.Random(5)
+    space = sp.piece_to_id("\u2581")
+    cases = [sp.encode("time there"), [space] + sp.encode("time"), [space, space]]
+    cases += [[rng.choice([space, rng.randrange(llama_like.vocab_size)]) for _ in range(rng.randint(1, 8))]
+              for _ in range(200)]
+    for ids in cases:
+        detok = llama_like.detokenizer(continues_text=True)
+        text = "".join([detok.add_token(i) for i in ids] + [detok.finalize()])
+        assert sp.decode(prompt) + text == sp.decode(prompt + ids), ids
+    assert "".join(stream(llama_like, sp.encode("time"))) == "time"  # a text of its own drops it
+
+
 def test_streaming_arbitrary_ids_keeping_whitespace(llama_like):
     sp = llama_like.sp
     rng = random.Random(2)
