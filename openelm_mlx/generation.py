@@ -64,6 +64,8 @@ class GenerationResponse:
     text: str
     token: int
     finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+    # With finish_reason "length": True when the context was full, not max_tokens reached.
+    context_full: bool = False
     prompt_tokens: int = 0
     generation_tokens: int = 0
     prompt_tps: float = 0.0
