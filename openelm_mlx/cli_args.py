@@ -1,4 +1,4 @@
-"""Command-line arguments shared by the subcommands that load a model and generate (generate, chat, serve).
+"""Command-line arguments (and messages) shared by the subcommands that load a model: generate, chat, serve.
 
 Each subcommand module imports this one; nothing here imports a subcommand, so the command modules
 form no circle. The prompt-format flags (--chat-template, --raw) live with the prompt format.

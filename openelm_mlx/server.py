@@ -355,8 +355,9 @@ def check_listen_address(host: str, port: int) -> None:
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:  # UnicodeError: not a valid name at all ('a..b')
-        raise OpenELMError(f"cannot resolve --host {host!r}: {getattr(e, 'strerror', None) or e}: give an IP address such as "
-                           f"{DEFAULT_HOST} or 0.0.0.0, or a host name that resolves") from None
+        reason = getattr(e, "strerror", None) or e
+        raise OpenELMError(f"cannot resolve --host {host!r}: {reason}: give an IP address such as {DEFAULT_HOST} "
+                           "or 0.0.0.0, or a host name that resolves") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
