@@ -196,8 +196,8 @@ def register(subparsers) -> None:
     """Add the `chat` subcommand."""
     parser = subparsers.add_parser(
         "chat", help="chat with a model in the terminal", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Multi-turn chat; replies stream to stdout. Reads messages from stdin (one per line) when it "
-                    "is not a terminal.\n\n" + HELP)
+        description="Multi-turn chat; replies stream to stdout. Reads messages from stdin (one per line)\n"
+                    "when it is not a terminal.\n\n" + HELP)
     add_model_options(parser)
     add_template_options(parser)
     add_system_prompt_option(parser)
