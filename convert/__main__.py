@@ -1,7 +1,7 @@
-"""`python -m openelm_mlx.convert SOURCE OUT [...]`."""
+"""`python -m openelm_mlx.convert SOURCE OUT [...]`: exactly `openelm-mlx convert SOURCE OUT [...]`."""
 
 import sys
 
-from .cli import main
+from openelm_mlx.cli import main
 
-sys.exit(main())
+sys.exit(main(["convert", *sys.argv[1:]]))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import List, Optional
 
 from openelm_mlx.loading import DEFAULT_DTYPE, DTYPES
 
@@ -64,9 +62,3 @@ def run(args: argparse.Namespace) -> int:
     ))
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m openelm_mlx.convert ARGS`: exactly `openelm-mlx convert ARGS`."""
-    from openelm_mlx.cli import main as openelm_main
-
-    return openelm_main(["convert", *(sys.argv[1:] if argv is None else argv)])

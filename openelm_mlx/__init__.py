@@ -1,22 +1,42 @@
-"""openelm-mlx: run Apple's OpenELM language models with MLX."""
+"""openelm-mlx: run Apple's OpenELM language models with MLX.
 
-from . import blas
+Importing the package has no side effect and does not import mlx: each public name below is
+imported from its module on first use (PEP 562). On Linux CPUs, call `use_optimized_blas()` before
+anything imports `mlx.core` to have MLX's float32 matmuls run on MKL or OpenBLAS (see `blas`).
+"""
 
-blas.preload()  # before anything imports mlx.core: MLX binds its BLAS when it is first loaded
+from __future__ import annotations
 
-from .cache import KVCache, make_cache
-from .config import PRESETS, ModelArgs
-from .errors import ConfigError, ContextLengthError, LoadError, OpenELMError, TokenizerNotFoundError
-from .generation import (GenerationOptions, GenerationResponse, GenerationResult, batch_generate, generate,
-                         stream_generate)
-from .loading import load
-from .model import Model
-from .tokenizer import Tokenizer
+import importlib
+from typing import Any, List
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "ContextLengthError", "GenerationOptions", "GenerationResponse", "GenerationResult",
-    "KVCache", "LoadError", "Model", "ModelArgs", "OpenELMError", "PRESETS", "Tokenizer",
-    "TokenizerNotFoundError", "batch_generate", "generate", "load", "make_cache", "stream_generate",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "BLASWarning": "blas", "use_optimized_blas": "blas",
+    "KVCache": "cache", "make_cache": "cache",
+    "PRESETS": "config", "ModelArgs": "config",
+    "ConfigError": "errors", "ContextLengthError": "errors", "LoadError": "errors", "OpenELMError": "errors",
+    "TokenizerNotFoundError": "errors",
+    "GenerationOptions": "generation", "GenerationResponse": "generation", "GenerationResult": "generation",
+    "batch_generate": "generation", "generate": "generation", "stream_generate": "generation",
+    "load": "loading",
+    "Model": "model",
+    "Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> List[str]:
+    return [*__all__, "__version__"]

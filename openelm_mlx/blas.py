@@ -13,9 +13,10 @@ Controlled by the environment variable OPENELM_MLX_BLAS:
 - unset or `auto`: the first of those that is installed, else mlx's bundled BLAS;
 - `reference`: keep mlx's bundled reference BLAS;
 - a path: load that library (a BLAS exporting `cblas_sgemm`); one that cannot be loaded is
-  reported on stderr and the bundled BLAS is kept.
+  reported with a warning (BLASWarning) and the bundled BLAS is kept.
 
-This module must not import mlx: `preload()` runs before `mlx.core` is first imported.
+Nothing happens on import: `openelm_mlx.use_optimized_blas()` loads the library, and must run before
+`mlx.core` is first imported (the `openelm-mlx` command calls it first). This module must not import mlx.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 ENV_VAR = "OPENELM_MLX_BLAS"
-_preloaded: Optional[str] = None  # the library `preload` loaded, if any
+_preloaded: Optional[str] = None  # the library `use_optimized_blas` loaded, if any
 
 
 class _DlInfo(ctypes.Structure):
@@ -36,29 +38,38 @@ class _DlInfo(ctypes.Structure):
                 ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
 
 
-def preload() -> Optional[str]:
-    """Load the BLAS chosen by OPENELM_MLX_BLAS into the global scope; return its path (or None).
+class BLASWarning(UserWarning):
+    """`use_optimized_blas` could not put the BLAS it was asked for in place."""
 
-    Does nothing off Linux, and nothing once `mlx.core` is imported (mlx is bound by then).
+
+def use_optimized_blas() -> Optional[str]:
+    """Make MLX's float32 CPU matmuls use an optimized BLAS; call it before anything imports `mlx.core`.
+
+    Loads the library chosen by OPENELM_MLX_BLAS (see the module docstring) with RTLD_GLOBAL and returns
+    its path, or None when there is nothing to load (off Linux, `reference`, none installed). The
+    `openelm-mlx` command calls it first thing. Once `mlx.core` is imported MLX has bound its BLAS:
+    a later call changes nothing and warns (BLASWarning), as does a library that cannot be loaded.
     """
     global _preloaded
     choice = os.environ.get(ENV_VAR, "auto").strip() or "auto"
-    if _preloaded or sys.platform != "linux" or choice == "reference" or "mlx.core" in sys.modules:
+    if _preloaded or sys.platform != "linux" or choice == "reference":
         return _preloaded
-    if choice == "auto":
-        path = _installed_mkl() or ctypes.util.find_library("openblas")
-        if path is None:
-            return None
-    else:
-        path = choice
+    path = (_installed_mkl() or ctypes.util.find_library("openblas")) if choice == "auto" else choice
+    if path is None:
+        return None
+    if "mlx.core" in sys.modules:
+        warnings.warn(f"openelm_mlx.use_optimized_blas() came after mlx.core was imported, so MLX keeps its "
+                      f"bundled reference BLAS and {path} is not used: call it before importing mlx or any "
+                      f"openelm_mlx module that imports it (or set {ENV_VAR}=reference to silence this)",
+                      BLASWarning, stacklevel=2)
+        return None
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         if choice == "auto":
             return None  # an unusable system library is not the user's request: keep the bundled BLAS
-        # Not an exception: this runs while `openelm_mlx` is imported, before any CLI error handling.
-        print(f"openelm-mlx: warning: {ENV_VAR}={choice}: cannot load it ({e}); using mlx's bundled "
-              f"reference BLAS (unset {ENV_VAR} or fix the path)", file=sys.stderr)
+        warnings.warn(f"{ENV_VAR}={choice}: cannot load it ({e}); using mlx's bundled reference BLAS "
+                      f"(unset {ENV_VAR} or fix the path)", BLASWarning, stacklevel=2)
         return None
     _preloaded = path
     return path
@@ -71,7 +82,7 @@ def _installed_mkl() -> Optional[str]:
 
 
 def _global_sgemm_provider() -> Optional[str]:
-    """The library that `cblas_sgemm` resolves to in the global scope (LD_PRELOAD or `preload`)."""
+    """The library that `cblas_sgemm` resolves to in the global scope (LD_PRELOAD or `use_optimized_blas`)."""
     try:
         process = ctypes.CDLL(None)
         address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p).value

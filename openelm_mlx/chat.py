@@ -8,11 +8,14 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, TextIO
 
+from .cli_args import (add_model_options, add_sampling_options, context_full_notice, load_from_args,
+                       options_from_args)
 from .errors import ContextLengthError
 from .generation import GenerationOptions, GenerationResponse
 from .model import Model
 from .prompt_cache import PromptCache, ReuseStats
-from .prompt_format import BUILTIN, RAW, ChatTemplate, Message, conversation_ids, default_template_name, load_template
+from .prompt_format import (ChatTemplate, Message, add_system_prompt_option, add_template_options, conversation_ids,
+                            template_from_args)
 from .tokenizer import Tokenizer
 
 HELP = """commands:
@@ -130,6 +133,8 @@ def run_repl(session: ChatSession, *, read_line: Callable[[str], str], out: Text
         try:
             line = read_line(prompt)
         except EOFError:
+            if interactive:
+                out.write("\n")  # Ctrl-D left the cursor after the prompt: the shell's prompt starts a new line
             break
         except KeyboardInterrupt:
             print("\n(/exit or Ctrl-D leaves the chat)", file=err)
@@ -160,6 +165,8 @@ def run_repl(session: ChatSession, *, read_line: Callable[[str], str], out: Text
                     break
         out.write("\n")
         out.flush()
+        if session.stats.last is not None and session.stats.last.context_full:
+            print(context_full_notice(session.model.args.max_context_length), file=err)
         if verbose and session.stats.last is not None:
             last, stats = session.stats.last, session.stats
             print(f"[prompt: {stats.prefilled_tokens} tokens prefilled, {stats.cached_tokens} from the cache, "
@@ -185,51 +192,41 @@ def _command(session: ChatSession, text: str, out: TextIO, err: TextIO) -> bool:
     return False
 
 
-def add_template_options(parser: argparse.ArgumentParser) -> None:
-    """--chat-template / --raw, shared by chat and serve."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--chat-template", metavar="NAME|FILE",
-                       help=f"prompt format: {' or '.join(BUILTIN)}, or a JSON file of 'system', 'user', 'assistant' "
-                            "format strings (default: zephyr if the model's name contains 'Instruct', else raw)")
-    group.add_argument("--raw", action="store_true", help="no chat format: the conversation is plain text (base models)")
-
-
-def template_from_args(args: argparse.Namespace) -> ChatTemplate:
-    if args.raw:
-        return RAW
-    return load_template(args.chat_template or default_template_name(args.model))
-
-
 def register(subparsers) -> None:
     """Add the `chat` subcommand."""
-    from .cli import _add_model_options, _add_sampling_options
-
     parser = subparsers.add_parser(
-        "chat", help="chat with a model in the terminal",
-        description="Multi-turn chat; replies stream to stdout. Reads messages from stdin (one per line) when it "
-                    "is not a terminal. " + HELP.replace("\n", " "))
-    _add_model_options(parser)
+        "chat", help="chat with a model in the terminal", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Multi-turn chat; replies stream to stdout. Reads messages from stdin (one per line)\n"
+                    "when it is not a terminal.\n\n" + HELP)
+    add_model_options(parser)
     add_template_options(parser)
-    parser.add_argument("--system", help="system prompt")
+    add_system_prompt_option(parser)
     parser.add_argument("--verbose", action="store_true", help="show prompt and reply statistics after each reply")
-    _add_sampling_options(parser)
+    add_sampling_options(parser)
     parser.set_defaults(run=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .cli import load_from_args, options_from_args
-
     options = options_from_args(args)  # validate before the slow load
     template = template_from_args(args)
     model, tokenizer = load_from_args(args)
     session = ChatSession(model, tokenizer, template, options, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
+        _enable_line_editing()
         print(f"Chatting with {args.model} (prompt format: {template.name}). /help lists the commands.",
               file=sys.stderr)
     run_repl(session, read_line=input if interactive else _read_piped_line, out=sys.stdout, err=sys.stderr,
              interactive=interactive, verbose=args.verbose)
     return 0
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys and history for input(): importing readline is what turns them on."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # Python built without it (some Windows and minimal builds)
+        pass
 
 
 def _read_piped_line(prompt: str) -> str:

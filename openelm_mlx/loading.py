@@ -15,6 +15,7 @@ from .blas import optimized_blas
 from .config import ModelArgs
 from .errors import ConfigError, LoadError
 from .model import Model
+from .synthetic import PREFIX as SYNTHETIC_PREFIX, synthetic_model
 from .tokenizer import TOKENIZER_FILE, Tokenizer, find_tokenizer
 
 # The compute dtype on GPUs (Metal, CUDA); `default_dtype` decides per backend.
@@ -28,13 +29,18 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def load(path_or_repo: str | Path, *, dtype: Optional[str] = None, tokenizer: Optional[str | Path] = None,
          force_float16: bool = False) -> Tuple[Model, Tokenizer]:
-    """Load a model and its tokenizer from a local directory or a Hugging Face repo id.
+    """Load a model and its tokenizer from a local directory or a Hugging Face repo id, or build
+    `synthetic:SIZE` (random weights of a released architecture: '270M', '450M', '1_1B', '3B').
 
     dtype: 'bfloat16', 'float16' or 'float32'; floating weights are cast on load. Default:
     `default_dtype()` (bfloat16 on GPUs; float32 on the CPU where that is faster).
     float16 is refused for models whose activations overflow it (the 3B) unless force_float16.
-    tokenizer: a tokenizer.model file (or its directory) when the checkpoint has none.
+    tokenizer: a tokenizer.model file (or its directory) when the checkpoint has none; a synthetic
+    model always needs it.
     """
+    if str(path_or_repo).startswith(SYNTHETIC_PREFIX):
+        return _load_synthetic(str(path_or_repo)[len(SYNTHETIC_PREFIX):], dtype=dtype, tokenizer=tokenizer,
+                               force_float16=force_float16)
     model_dir = resolve_model_dir(path_or_repo)
     args = read_config(model_dir)  # cheap checks first: not a checkpoint directory, or a bad config.json
     tokenizer_path = find_tokenizer(model_dir, tokenizer)  # and before reading gigabytes of weights
@@ -46,6 +52,18 @@ def load(path_or_repo: str | Path, *, dtype: Optional[str] = None, tokenizer: Op
             "it is not OpenELM's tokenizer (the Llama-2 SentencePiece model)"
         )
     return model, tok
+
+
+def _load_synthetic(size: str, *, dtype: Optional[str], tokenizer: Optional[str | Path],
+                    force_float16: bool) -> Tuple[Model, Tokenizer]:
+    """A random-weight model of a released size, with the tokenizer found or given."""
+    tok = Tokenizer(find_tokenizer(None, tokenizer))  # cheap checks first, before the build
+    args = ModelArgs.from_preset(size)
+    target = DTYPES.get(dtype or default_dtype())
+    if target is None:
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_float16(args, target, force_float16)
+    return synthetic_model(size, dtype=target), tok
 
 
 def default_dtype(*, quantized: bool = False) -> str:

@@ -5,14 +5,16 @@ Zephyr-style format (spec section 6):
 
     <|system|>\\n{system}</s>\\n<|user|>\\n{message}</s>\\n<|assistant|>\\n{reply}</s>\\n ...
 
-The tags are plain text; `</s>` is the EOS token (id 2), BOS comes first. SentencePiece would
-encode the characters `</s>` as text, so the rendered text is cut at every `</s>`, each piece is
-encoded on its own (with SentencePiece's dummy-prefix space, as Hugging Face's Llama tokenizer does
-after a special token) and EOS ids are put between them.
+The tags are plain text; `</s>` in a template is the EOS token (id 2), BOS comes first. SentencePiece
+would encode the characters `</s>` as text, so the rendered text is cut at every template `</s>`, each
+piece is encoded on its own (with SentencePiece's dummy-prefix space, as Hugging Face's Llama tokenizer
+does after a special token) and EOS ids are put between them. Message content is never cut: a `</s>`
+typed in a message stays ordinary text, so no message can end a turn or forge another role's turn.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -102,8 +104,13 @@ def default_template_name(model_name: str) -> str:
 
 def encode_text(tokenizer: Tokenizer, text: str) -> List[int]:
     """Ids of template text: each `</s>` becomes the EOS id, the pieces between are encoded separately."""
+    return _encode_pieces(tokenizer, text.split(EOS_TEXT))
+
+
+def _encode_pieces(tokenizer: Tokenizer, pieces: Sequence[str]) -> List[int]:
+    """Each piece encoded on its own (no BOS), with an EOS id between neighbours."""
     ids: List[int] = []
-    for n, piece in enumerate(text.split(EOS_TEXT)):
+    for n, piece in enumerate(pieces):
         if n:
             ids.append(tokenizer.eos_id)
         if piece:
@@ -111,24 +118,71 @@ def encode_text(tokenizer: Tokenizer, text: str) -> List[int]:
     return ids
 
 
+class _Pieces:
+    """Rendered text waiting to be encoded, as the pieces between EOS markers. Only template text is
+    split at `</s>`; content joins the current piece verbatim, so its characters are encoded as text."""
+
+    def __init__(self) -> None:
+        self.pieces = [""]
+
+    def add_template(self, text: str) -> None:
+        first, *rest = text.split(EOS_TEXT)
+        self.pieces[-1] += first
+        self.pieces.extend(rest)
+
+    def add_content(self, text: str) -> None:
+        self.pieces[-1] += text
+
+    def take_ids(self, tokenizer: Tokenizer) -> List[int]:
+        """The ids of everything added so far; starts afresh."""
+        ids, self.pieces = _encode_pieces(tokenizer, self.pieces), [""]
+        return ids
+
+
 def conversation_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Union[Message, dict]],
                      *, add_generation_prompt: bool = True) -> List[int]:
     """BOS, then the rendered conversation, then (by default) the assistant's opening to be continued.
 
+    Only the template's own `</s>` become EOS ids; a message's content is encoded as plain text.
     Text between known token runs (an assistant turn's own `tokens`) is rendered and encoded in one
-    go, so with no token runs this is exactly BOS + encode_text(the whole rendered text).
+    go, so with no token runs and no `</s>` in any content this is exactly BOS + encode_text(the whole
+    rendered text).
     """
     ids = [tokenizer.bos_id]
-    pending = ""  # rendered text not yet encoded
+    pending = _Pieces()  # rendered text not yet encoded
     for message in messages:
         if isinstance(message, dict):
             message = Message(message["role"], message["content"])
         before, after = template.parts(message.role)
+        pending.add_template(before)
         if message.tokens is None:
-            pending += before + message.content + after
-            continue
-        ids += encode_text(tokenizer, pending + before) + list(message.tokens)
-        pending = after
+            pending.add_content(message.content)
+        else:
+            ids += pending.take_ids(tokenizer) + list(message.tokens)
+        pending.add_template(after)
     if add_generation_prompt:
-        pending += template.parts("assistant")[0]
-    return ids + encode_text(tokenizer, pending)
+        pending.add_template(template.parts("assistant")[0])
+    return ids + pending.take_ids(tokenizer)
+
+
+def add_template_options(parser: argparse.ArgumentParser) -> None:
+    """--chat-template / --raw (alias --ignore-chat-template), shared by generate, chat and serve."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--chat-template", metavar="NAME|FILE",
+                       help=f"prompt format: {' or '.join(BUILTIN)}, or a JSON file of 'system', 'user', 'assistant' "
+                            "format strings (default: zephyr if the model's name contains 'Instruct', else raw)")
+    group.add_argument("--raw", "--ignore-chat-template", dest="raw", action="store_true",
+                       help="no chat format: the text is used as it is (the default for base models)")
+
+
+def add_system_prompt_option(parser: argparse.ArgumentParser) -> None:
+    """--system-prompt (alias --system), shared by generate and chat."""
+    parser.add_argument("--system-prompt", "--system", dest="system", metavar="TEXT",
+                        help="system prompt: the conversation's first turn, in the prompt format's system role")
+
+
+def template_from_args(args: argparse.Namespace) -> ChatTemplate:
+    """The template --chat-template / --raw ask for, else the default for --model's name."""
+    if args.raw:
+        return RAW
+    return load_template(args.chat_template or default_template_name(args.model))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import hmac
 import json
 import queue
-import select
+import selectors
 import socket
 import sys
 import threading
@@ -23,16 +24,22 @@ from typing import Deque, Optional, TextIO
 
 import mlx.core as mx
 
+from .cli_args import add_model_options, load_from_args
+from .errors import OpenELMError
 from .model import Model
 from .openai_api import (CHAT, COMPLETION, APIError, ParsedRequest, ServedModel, chunk_body, models_body, new_id,
                          now, parse_request, response_body, usage_body)
 from .prompt_cache import PromptCache, ReuseStats
+from .prompt_format import add_template_options, template_from_args
 from .tokenizer import Tokenizer
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE_SIZE = 16  # requests waiting behind the running one; more get 503
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Connections the kernel holds for accept(): socketserver's default of 5 resets a burst of clients
+# before they can even be answered 503. A burst beyond this still queues in the kernel's SYN backlog.
+LISTEN_BACKLOG = 128
 SOCKET_TIMEOUT_S = 60  # a client that stops sending its request is dropped after this
 CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client is still there
 WORKER_POLL_S = 0.5  # how often an idle worker wakes (so the main thread sees Ctrl-C)
@@ -129,6 +136,7 @@ class OpenAIServer(ThreadingHTTPServer):
     """The HTTP side: routes, auth, body limits. `start()` runs it (and optionally the worker) in threads."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, worker: Worker, served: ServedModel, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -138,6 +146,7 @@ class OpenAIServer(ThreadingHTTPServer):
         self.max_body_bytes, self.log = max_body_bytes, log
         self.created = now()
         self._service_threads = []
+        self._closed = False
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up or stalls is routine, not worth a traceback."""
@@ -157,6 +166,11 @@ class OpenAIServer(ThreadingHTTPServer):
         return self
 
     def close(self) -> None:
+        """Stop serving, close the socket, stop a worker started by `start` and wait for the threads.
+        Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self.shutdown()
         self.server_close()
         if len(self._service_threads) > 1:
@@ -200,7 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise APIError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        # ASCII digits only: str.isdigit() also takes '²' or '٣', which int() refuses or reads differently.
+        if length is None or not (length.isascii() and length.isdigit()):
             self.close_connection = True
             raise APIError(411 if length is None else 400, "a valid Content-Length header is required")
         if int(length) > self.server.max_body_bytes:
@@ -247,9 +262,10 @@ class Handler(BaseHTTPRequestHandler):
     def _client_gone(self) -> bool:
         """Whether the client closed its end (readable with nothing to read); a request pipelined behind
         this one does not count."""
-        readable, _, _ = select.select([self.connection], [], [], 0)
-        if not readable:
-            return False
+        with selectors.DefaultSelector() as selector:  # not select(): it fails on descriptors past 1023
+            selector.register(self.connection, selectors.EVENT_READ)
+            if not selector.select(timeout=0):
+                return False
         try:
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
@@ -317,14 +333,11 @@ class Handler(BaseHTTPRequestHandler):
 
 def register(subparsers) -> None:
     """Add the `serve` subcommand."""
-    from .chat import add_template_options
-    from .cli import _add_model_options
-
     parser = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="GET /v1/models, POST /v1/completions and /v1/chat/completions (streaming or not). Sampling "
                     "settings come with each request; defaults are generate's.")
-    _add_model_options(parser)
+    add_model_options(parser)
     add_template_options(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s; 0 picks a free one)")
@@ -335,13 +348,23 @@ def register(subparsers) -> None:
     parser.set_defaults(run=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .chat import template_from_args
-    from .cli import load_from_args
-    from .errors import OpenELMError
+def check_listen_address(host: str, port: int) -> None:
+    """Refuse a port out of range or a host that does not resolve, naming the flag to fix."""
+    if not 0 <= port <= 65535:
+        raise OpenELMError(f"--port must be between 0 and 65535 (0 picks a free one), got {port}")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:  # UnicodeError: not a valid name at all ('a..b')
+        reason = getattr(e, "strerror", None) or e
+        raise OpenELMError(f"cannot resolve --host {host!r}: {reason}: give an IP address such as {DEFAULT_HOST} "
+                           "or 0.0.0.0, or a host name that resolves") from None
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`openelm-mlx serve`: load the model, then serve until Ctrl-C; the worker runs in this thread."""
     if args.queue_size < 1:
         raise OpenELMError(f"--queue-size must be at least 1, got {args.queue_size}")
+    check_listen_address(args.host, args.port)  # before the slow load
     template = template_from_args(args)
     model, tokenizer = load_from_args(args)
     served = ServedModel(args.model_id or args.model, tokenizer, template, model.args.max_context_length)
@@ -349,13 +372,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = OpenAIServer(Worker(model, tokenizer, queue_size=args.queue_size), served, host=args.host,
                               port=args.port, api_key=args.api_key, log=sys.stderr)
     except OSError as e:
-        raise OpenELMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}: pick another --port") from None
+        flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+        raise OpenELMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}: pick another {flag}") from None
     server.start(with_worker=False)
     print(f"serving {served.model_id} (prompt format: {template.name}) on http://{args.host}:{server.port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
     try:
         server.worker.run()  # the model stays in the thread that loaded it
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     return 0

@@ -187,7 +187,7 @@ def test_blas_is_described():
 
 def _blas_in_subprocess(setting: str) -> str:
     env = {**os.environ, blas.ENV_VAR: setting}
-    code = ("import openelm_mlx, mlx.core as mx\n"
+    code = ("import openelm_mlx\nopenelm_mlx.use_optimized_blas()\nimport mlx.core as mx\n"
             "from openelm_mlx import blas, loading\n"
             "a = mx.random.normal((64, 48), key=mx.random.key(0)); b = mx.random.normal((48, 32), key=mx.random.key(1))\n"
             "import numpy as np\n"
@@ -224,8 +224,8 @@ def test_installed_mkl_is_used_automatically():
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_unloadable_blas_path_warns_and_keeps_the_bundled_one(tmp_path):
     env = {**os.environ, blas.ENV_VAR: str(tmp_path / "nope.so")}
-    proc = subprocess.run([sys.executable, "-c", "import openelm_mlx; from openelm_mlx import blas; "
-                                                 "print(blas.describe_blas())"],
+    proc = subprocess.run([sys.executable, "-c", "import openelm_mlx; openelm_mlx.use_optimized_blas(); "
+                                                 "from openelm_mlx import blas; print(blas.describe_blas())"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "reference BLAS" in proc.stdout
-    assert "warning" in proc.stderr and blas.ENV_VAR in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "BLASWarning" in proc.stderr and blas.ENV_VAR in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
+from openelm_mlx import cli_args, commands, config, synthetic
 from openelm_mlx.cli import main
+from openelm_mlx.prompt_format import RAW, ZEPHYR, Message, conversation_ids
 
 PROMPT = "Once upon a time"
 
@@ -214,3 +218,109 @@ def test_console_script_error_exit_code(dirs):
     assert_one_line_error(proc.stderr, "Llama-2")
     version = subprocess.run([*command, "--version"], capture_output=True, text=True, env=_env(), timeout=120)
     assert version.returncode == 0 and version.stdout.strip() == f"openelm-mlx {om.__version__}"
+
+
+# ---------------------------------------------------------------------------- chat templates in generate
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory, spm_model):
+    """An Instruct-named checkpoint (the same weights as dirs[0]) and its loaded model."""
+    config_json = tiny_config(tied=False)
+    path = write_hf_checkpoint(tmp_path_factory.mktemp("cli") / "OpenELM-tiny-Instruct", config_json,
+                               text_only_state(config_json, spm_model), tokenizer=spm_model)
+    return path, om.load(path, dtype="float32")
+
+
+def test_generate_applies_an_instruct_models_chat_template(capsys, instruct):
+    """As mlx_lm.generate does: the prompt becomes the user turn of the default template (zephyr here)."""
+    path, (model, tok) = instruct
+
+    def want(messages, template=ZEPHYR):
+        ids = conversation_ids(tok, template, messages)
+        return om.generate(model, tok, ids, om.GenerationOptions(max_tokens=6)).text + "\n"
+
+    user = Message("user", "Hello world")
+    argv = base_args(path, "--prompt", "Hello world", "--max-tokens", "6", "--quiet")
+    assert run_main(capsys, argv)[:2] == (0, want([user]))
+    assert run_main(capsys, argv + ["--system-prompt", "Be brief."])[:2] == (
+        0, want([Message("system", "Be brief."), user]))
+    raw = om.generate(model, tok, "Hello world", om.GenerationOptions(max_tokens=6)).text + "\n"
+    assert run_main(capsys, argv + ["--ignore-chat-template"])[:2] == (0, raw)
+    assert run_main(capsys, argv + ["--raw"])[:2] == (0, raw)
+    assert run_main(capsys, argv + ["--chat-template", "raw", "--system", "Story."])[:2] == (
+        0, want([Message("system", "Story."), user], RAW))
+    code, _, err = run_main(capsys, argv + ["--raw", "--chat-template", "zephyr"])
+    assert code == 2 and "not allowed with" in err
+
+
+def test_generate_keeps_a_base_models_prompt_raw(capsys, dirs, expected):
+    code, out, _ = run_main(capsys, base_args(dirs[0], "--prompt", PROMPT, "--max-tokens", "5", "--quiet",
+                                              "--chat-template", "zephyr"))
+    assert code == 0 and out != expected(max_tokens=5).text + "\n"  # an explicit template is applied
+    code, out, _ = run_main(capsys, base_args(dirs[0], "--prompt", PROMPT, "--max-tokens", "5", "--quiet"))
+    assert (code, out) == (0, expected(max_tokens=5).text + "\n")
+
+
+# ---------------------------------------------------------------------------- stopping, pipes
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_completion_cut_by_the_full_context_says_so(capsys, monkeypatch, dirs, quiet):
+    responses = [om.GenerationResponse("Once", 5), om.GenerationResponse(" more", 6, finish_reason="length",
+                                                                       context_full=True, generation_tokens=2)]
+    monkeypatch.setattr(commands, "stream_generate", lambda *a, **k: iter(responses))
+    code, out, err = run_main(capsys, base_args(dirs[0], "--prompt", PROMPT, *(["--quiet"] if quiet else [])))
+    assert code == 0 and out == "Once more\n"
+    assert "[stopped: the 2048-token context is full]" in err.splitlines()
+    responses[-1] = om.GenerationResponse(" more", 6, finish_reason="length", generation_tokens=2)
+    code, _, err = run_main(capsys, base_args(dirs[0], "--prompt", PROMPT))
+    assert code == 0 and "context is full" not in err
+
+
+def test_a_closed_stdout_pipe_ends_quietly(dirs):
+    """`openelm-mlx generate ... | head -c 0`: the reader is gone before the first token."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "openelm_mlx.cli",
+                               *base_args(dirs[0], "--prompt", PROMPT, "--max-tokens", "50")],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, env=_env(), timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0
+    assert proc.stderr == "", proc.stderr  # no BrokenPipeError traceback, no "Exception ignored"
+
+
+# ---------------------------------------------------------------------------- synthetic models
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    """A 'TINY' preset next to the released sizes, so synthetic:tiny builds in milliseconds."""
+    monkeypatch.setitem(config.PRESETS, "TINY", tiny_config(tied=False))
+    return config.ModelArgs.from_dict(tiny_config(tied=False))
+
+
+def test_load_builds_a_synthetic_model_in_python(capsys, tiny_preset, spm_model):
+    model, tok = om.load("synthetic:tiny", dtype="float32", tokenizer=spm_model)
+    assert model.args == tiny_preset and tok.path == spm_model
+    want = synthetic.random_weights(tiny_preset, dtype=mx.float32)
+    got = dict(tree_flatten(model.parameters()))
+    assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in want)
+    assert capsys.readouterr().err == ""  # the notice is the command line's, not the library's
+    with pytest.raises(om.TokenizerNotFoundError):
+        om.load("synthetic:tiny")
+    with pytest.raises(om.ConfigError, match="unknown preset"):
+        om.load("synthetic:7B", tokenizer=spm_model)
+
+
+def test_the_command_line_loads_synthetic_models_through_load(capsys, monkeypatch, tiny_preset, spm_model):
+    calls = []
+    monkeypatch.setattr(cli_args, "load", lambda *a, **k: calls.append(a) or om.load(*a, **k))
+    code, out, err = run_main(capsys, ["generate", "--model", "synthetic:tiny", "--tokenizer", str(spm_model),
+                                       "--dtype", "float32", "--prompt", PROMPT, "--max-tokens", "4", "--quiet"])
+    model, tok = om.load("synthetic:tiny", dtype="float32", tokenizer=spm_model)
+    assert code == 0 and out == om.generate(model, tok, PROMPT, om.GenerationOptions(max_tokens=4)).text + "\n"
+    assert calls == [("synthetic:tiny",)]
+    assert "[synthetic model: random weights of the real tiny architecture; its text is gibberish]" in err

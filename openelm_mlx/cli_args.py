@@ -1,0 +1,75 @@
+"""Command-line arguments (and messages) shared by the subcommands that load a model: generate, chat, serve.
+
+Each subcommand module imports this one; nothing here imports a subcommand, so the command modules
+form no circle. The prompt-format flags (--chat-template, --raw) live with the prompt format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Tuple
+
+from .generation import GenerationOptions
+from .loading import load
+from .model import Model
+from .synthetic import PREFIX as SYNTHETIC_PREFIX
+from .tokenizer import Tokenizer
+
+# The one source of the sampling defaults: GenerationOptions.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationOptions)}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --tokenizer, --dtype, --force-float16."""
+    parser.add_argument("--model", required=True,
+                        help="model directory, Hugging Face repo id, or synthetic:SIZE (random weights of a real "
+                             "architecture: 270M, 450M, 1_1B, 3B)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (the Llama-2 SentencePiece model) if the model has none")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="compute dtype (default: bfloat16 on GPUs; on the CPU float32 with an optimized BLAS or "
+                             "quantized weights, else bfloat16)")
+    parser.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Sampling flags shared by every subcommand that generates text."""
+    d = _DEFAULTS
+    parser.add_argument("--max-tokens", type=int, default=d["max_tokens"], help="most tokens to generate (default %(default)s)")
+    parser.add_argument("--temperature", "--temp", type=float, default=d["temperature"], help="0 is greedy (default %(default)s)")
+    parser.add_argument("--top-k", type=int, default=d["top_k"], help="sample from the k likeliest tokens; 0 is off")
+    parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass; 1 is off")
+    parser.add_argument("--min-p", type=float, default=d["min_p"], help="drop tokens below min-p x the top probability; 0 is off")
+    parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"], help="1 is off; Apple's cards use 1.2")
+    parser.add_argument("--repetition-context-size", type=int, default=d["repetition_context_size"],
+                        help="how many recent tokens the penalty looks at (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop before this text (repeatable; never printed)")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="keep generating past the 2048-token context by dropping the oldest tokens")
+
+
+def options_from_args(args: argparse.Namespace) -> GenerationOptions:
+    """The GenerationOptions the sampling flags ask for (validated by GenerationOptions itself)."""
+    return GenerationOptions(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        repetition_context_size=args.repetition_context_size, seed=args.seed, stop=tuple(args.stop),
+        sliding_window=args.sliding_window,
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> Tuple[Model, Tokenizer]:
+    """(model, tokenizer) for --model through `openelm_mlx.load`; a synthetic model is labelled on stderr."""
+    model, tokenizer = load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, force_float16=args.force_float16)
+    if args.model.startswith(SYNTHETIC_PREFIX):
+        print(f"[synthetic model: random weights of the real {args.model[len(SYNTHETIC_PREFIX):]} architecture; "
+              "its text is gibberish]", file=sys.stderr)
+    return model, tokenizer
+
+
+def context_full_notice(context_length: int) -> str:
+    """The line printed when a reply stopped because the context filled up (not at --max-tokens)."""
+    return f"[stopped: the {context_length}-token context is full]"
