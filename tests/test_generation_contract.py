@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving import tiny_chat_checkpoint
-from test_server import MODEL_ID, USER, assert_error, chat_ids, expected, post, start_server
+# The server tests' tiny checkpoint, model and server fixtures (module-scoped: this module gets its own).
+from test_server import USER, assert_error, chat_ids, checkpoint, expected, lm, post, server  # noqa: F401
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.chat import ChatSession
@@ -15,23 +15,6 @@ from openelm_mlx.generation import SEED_LIMIT
 from openelm_mlx.prompt_format import ZEPHYR
 
 PENALISED = dict(max_tokens=12, repetition_penalty=1.5)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, spm_model):
-    return tiny_chat_checkpoint(tmp_path_factory.mktemp("contract") / "tiny", spm_model)
-
-
-@pytest.fixture(scope="module")
-def lm(checkpoint):
-    return om.load(checkpoint, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    server = start_server(lm)
-    yield server
-    server.close()
 
 
 def test_a_chat_turn_with_a_penalty_equals_a_fresh_run(lm):
