@@ -216,9 +216,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
             if n < limit:
                 next_token = step(token[:, None])
                 mx.async_eval(next_token)
-            tokens = token.tolist()
+            step_tokens = token.tolist()
             delivered = n
-            yield tokens
+            yield step_tokens
             if n < limit:
                 token = next_token
     finally:
@@ -248,9 +248,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     room = context_room(model, len(ids), cache, options.sliding_window)
     limit = options.max_tokens if room is None else min(options.max_tokens, room)
     context_full = room is not None and room < options.max_tokens  # the context ends it, not max_tokens
-    window = cache_window(model, options)
+    max_size = cache_window(model, options)
     if cache is None:
-        cache = make_cache(len(model.layers), max_size=window)
+        cache = make_cache(len(model.layers), max_size=max_size)
     recent = list(context_ids)[-options.repetition_context_size:]
     history = mx.array([recent]) if recent else None
     completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
