@@ -15,6 +15,8 @@ from .sampling import make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
+# mx.random.key takes a seed in [0, 2**64).
+SEED_LIMIT = 2 ** 64
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,9 @@ class GenerationOptions:
              "repetition_context_size must be a positive integer", self.repetition_context_size),
             (isinstance(self.prefill_step, int) and self.prefill_step > 0, "prefill_step must be a positive integer",
              self.prefill_step),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer", self.seed),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and 0 <= self.seed < SEED_LIMIT),
+             f"seed must be an integer from 0 to {SEED_LIMIT - 1}", self.seed),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
         ]
         for ok, message, value in checks:
@@ -133,72 +137,109 @@ class CompletionText:
 def context_room(model: Model, prompt_len: int, cache: Optional[List[KVCache]], sliding_window: bool) -> Optional[int]:
     """How many tokens may be generated before the context is full (None: unbounded)."""
     limit = model.args.max_context_length
-    used = (cache[0].offset if cache else 0) + prompt_len
-    if prompt_len > limit or (not sliding_window and used > limit):
+    cached = cache[0].offset if cache else 0
+    if prompt_len > limit:  # the sliding window cannot help: the prompt itself must fit
         raise ContextLengthError(
-            f"the prompt is {prompt_len} tokens"
-            + (f" after {used - prompt_len} cached ones" if used > prompt_len else "")
-            + f", but OpenELM's context is {limit} tokens: shorten the prompt"
-            + ("" if sliding_window else " (or enable the sliding window to keep a long chat going)")
-        )
-    return None if sliding_window else limit - used
+            f"the prompt is {prompt_len} tokens, but OpenELM's context is {limit} tokens: shorten the prompt")
+    if not sliding_window and cached + prompt_len > limit:
+        raise ContextLengthError(
+            f"the prompt is {prompt_len} tokens after {cached} cached ones, but OpenELM's context is {limit} "
+            "tokens: shorten the prompt (or enable the sliding window to keep a long chat going)")
+    return None if sliding_window else limit - cached - prompt_len
+
+
+def cache_window(model: Model, options: GenerationOptions) -> Optional[int]:
+    """The KV cache's `max_size` for `options`: None without the sliding window, else the context.
+
+    Every prefill chunk must fit in the window next to the DEFAULT_KEEP positions it never drops."""
+    if not options.sliding_window:
+        return None
+    context = model.args.max_context_length
+    if options.prefill_step > context - DEFAULT_KEEP:
+        raise InvalidOptionError(
+            f"prefill_step must be at most the context minus {DEFAULT_KEEP} kept positions when the sliding "
+            f"window is on, got {options.prefill_step} for a {context}-token context")
+    return context
 
 
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
-                  limit: int) -> Iterator[List[int]]:
+                  limit: int, *, history: Optional[mx.array] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
+    `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
+    the last repetition_context_size ids of history, `ids` and the generated tokens together.
     Step n+1 is queued with async_eval before step n is read, so the device never waits for Python.
+    However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
+    yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
+    and what it held before if it failed before the first token.
     """
     sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
     penalty = (make_repetition_penalty(options.repetition_penalty, options.repetition_context_size)
                if options.repetition_penalty != 1.0 else None)
     key = mx.random.key(options.seed) if options.seed is not None else None
-    history = ids
+    window_size = options.repetition_context_size
+    window = None  # [B, <= window_size]: the ids the penalty looks at
+    if penalty is not None:
+        seen = ids if history is None else mx.concatenate([history.astype(ids.dtype), ids], axis=1)
+        window = seen[:, max(0, seen.shape[1] - window_size):]
 
     def step(new_ids: mx.array) -> mx.array:
-        nonlocal key, history
+        nonlocal key, window
         hidden = model.hidden(new_ids, cache)
         logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
         if penalty is not None:
-            logits = penalty(history, logits)
+            logits = penalty(window, logits)
         sub = None
         if key is not None:
             key, sub = mx.random.split(key)
         token = sampler(logits, sub)
-        if penalty is not None:
-            history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
+        if penalty is not None:  # a fixed-size window: drop the oldest id once it is full
+            kept = window[:, max(0, window.shape[1] + 1 - window_size):]
+            window = mx.concatenate([kept, token[:, None].astype(window.dtype)], axis=1)
         return token
 
-    if limit <= 0:
-        return
-    start = 0
-    while ids.shape[1] - start > options.prefill_step:
-        model.hidden(ids[:, start:start + options.prefill_step], cache)
-        mx.eval([c.keys for c in cache])
-        start += options.prefill_step
-    token = step(ids[:, start:])
-    mx.async_eval(token)
-    for n in range(1, limit + 1):
-        if n < limit:
-            next_token = step(token[:, None])
-            mx.async_eval(next_token)
-        yield token.tolist()
-        if n < limit:
-            token = next_token
+    held_before, prompt_len = cache[0].offset, ids.shape[1]
+    prefilled, delivered = False, 0
+    try:
+        # Whole chunks first; the last 1..prefill_step ids go through `step`, which samples (limit 0: none do).
+        last_chunk = (prompt_len - 1) % options.prefill_step + 1 if limit > 0 else 0
+        for start in range(0, prompt_len - last_chunk, options.prefill_step):
+            model.hidden(ids[:, start:start + options.prefill_step], cache)
+            mx.eval([layer_cache.state for layer_cache in cache])  # every layer's keys and values
+        if limit <= 0:
+            prefilled = True
+            return
+        token = step(ids[:, prompt_len - last_chunk:])
+        mx.async_eval(token)
+        prefilled = True
+        for n in range(1, limit + 1):
+            if n < limit:
+                next_token = step(token[:, None])
+                mx.async_eval(next_token)
+            step_tokens = token.tolist()
+            delivered = n
+            yield step_tokens
+            if n < limit:
+                token = next_token
+    finally:
+        held = held_before + (prompt_len + max(delivered - 1, 0) if prefilled else 0)
+        for layer_cache in cache:  # also evens out layers that a failed step reached only partly
+            layer_cache.trim(layer_cache.offset - held)
 
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
                     options: Optional[GenerationOptions] = None, *,
-                    cache: Optional[List[KVCache]] = None,
+                    cache: Optional[List[KVCache]] = None, context_ids: Sequence[int] = (),
                     continues_text: bool = False) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS, or token ids), one response per token.
 
     Text segments concatenate to the decoded completion without stop strings or EOS; with
     `continues_text` the completion's first word keeps its space (it continues the text before). Pass a
-    `cache` from an earlier call to continue from it (only `prompt` is prefilled). When generation
-    ends, the cache holds the prompt and every generated token but the last, whatever the finish
-    reason: a follow-up prompt starts with that last token.
+    `cache` from an earlier call to continue from it (only `prompt` is prefilled), and the ids it holds
+    as `context_ids` (the last repetition_context_size suffice) so the repetition penalty sees them too.
+    However generation ends (EOS, stop string, length, a full context, the caller closing or dropping
+    the iterator, an exception), the cache then holds the prompt and every generated token but the
+    last: a follow-up prompt starts with that last token. With max_tokens 0 it holds the prompt.
     """
     options = options or GenerationOptions()
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -206,44 +247,50 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
         raise ValueError("the prompt is empty: give at least one token")
     room = context_room(model, len(ids), cache, options.sliding_window)
     limit = options.max_tokens if room is None else min(options.max_tokens, room)
+    context_full = room is not None and room < options.max_tokens  # the context ends it, not max_tokens
+    max_size = cache_window(model, options)
     if cache is None:
-        cache = make_cache(len(model.layers), max_size=_window(model, options))
+        cache = make_cache(len(model.layers), max_size=max_size)
+    recent = list(context_ids)[-options.repetition_context_size:]
+    history = mx.array([recent]) if recent else None
     completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
-    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit)
-    for n, (token,) in enumerate(tokens, 1):
-        now = time.perf_counter()
-        if n == 1:
-            first_at = now
-            stats.ttft_s = now - start
-            stats.prompt_tps = len(ids) / stats.ttft_s
-        stats.generation_tokens = n
-        stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
-        text, ended = completion.add(token)
-        finish = "stop" if ended else ("length" if n == limit else None)
-        if finish == "length":
-            text += completion.finish()
-        stats.peak_memory_bytes = mx.get_peak_memory()
-        if finish == "stop" and n < limit:
-            for layer_cache in cache:  # the pipelined next step already fed this token: forget it
-                layer_cache.trim(1)
-        yield replace(stats, text=text, token=token, finish_reason=finish)
-        if finish:
-            tokens.close()
-            return
-    if limit == 0:
-        yield replace(stats, finish_reason="length")
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history)
+    try:
+        for n, (token,) in enumerate(tokens, 1):
+            now = time.perf_counter()
+            if n == 1:
+                first_at = now
+                stats.ttft_s = now - start
+                stats.prompt_tps = len(ids) / stats.ttft_s
+            stats.generation_tokens = n
+            stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
+            text, ended = completion.add(token)
+            finish = "stop" if ended else ("length" if n == limit else None)
+            if finish == "length":
+                text += completion.finish()
+            stats.peak_memory_bytes = mx.get_peak_memory()
+            if finish:
+                tokens.close()  # settles the cache before the caller sees the last response
+            yield replace(stats, text=text, token=token, finish_reason=finish,
+                          context_full=finish == "length" and context_full)
+            if finish:
+                return
+        if limit == 0:
+            yield replace(stats, finish_reason="length", context_full=context_full)
+    finally:
+        tokens.close()
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
              options: Optional[GenerationOptions] = None, *,
-             cache: Optional[List[KVCache]] = None) -> GenerationResult:
+             cache: Optional[List[KVCache]] = None, context_ids: Sequence[int] = ()) -> GenerationResult:
     """Generate a whole completion; see `stream_generate`."""
     text, tokens, last = [], [], None
-    for last in stream_generate(model, tokenizer, prompt, options, cache=cache):
+    for last in stream_generate(model, tokenizer, prompt, options, cache=cache, context_ids=context_ids):
         text.append(last.text)
         if last.token >= 0:
             tokens.append(last.token)
@@ -286,13 +333,3 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
                                    generation_tokens=len(out_tokens[i]))
         results.append(GenerationResult("".join(texts[i]), out_tokens[i], finish[i] or "length", stats))
     return results
-
-
-def _window(model: Model, options: GenerationOptions) -> Optional[int]:
-    if not options.sliding_window:
-        return None
-    if options.prefill_step > model.args.max_context_length - DEFAULT_KEEP:
-        raise InvalidOptionError(
-            f"prefill_step must be at most the context minus {DEFAULT_KEEP} kept positions when the sliding "
-            f"window is on, got {options.prefill_step} for a {model.args.max_context_length}-token context")
-    return model.args.max_context_length

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 from .cache import KVCache, make_cache
-from .generation import GenerationOptions, GenerationResponse, stream_generate
+from .generation import GenerationOptions, GenerationResponse, cache_window, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -19,14 +19,16 @@ class PromptCache:
     """
 
     def __init__(self, model: Model, *, sliding_window: bool = False):
+        """`sliding_window` is accepted for existing callers but decides nothing: each `generate` sizes
+        the cache for its own options (`cache_window`), starting over when the size changes."""
         self.model = model
-        self.max_size = model.args.max_context_length if sliding_window else None
         self.cache: List[KVCache] = []
         self.tokens: List[int] = []
         self.reset()
 
-    def reset(self) -> None:
-        self.cache = make_cache(len(self.model.layers), max_size=self.max_size)
+    def reset(self, max_size: Optional[int] = None) -> None:
+        """Forget everything; the next positions go into a cache of `max_size` (None: no sliding window)."""
+        self.cache = make_cache(len(self.model.layers), max_size=max_size)
         self.tokens = []
 
     def reuse(self, prompt: Sequence[int]) -> List[int]:
@@ -44,16 +46,13 @@ class PromptCache:
         return list(prompt[common:])
 
     def sync(self, fed: Sequence[int]) -> None:
-        """Record what the cache now holds after `fed` (the prefilled ids, then the generated ones) went
-        through it, however generation ended (finished, interrupted, failed)."""
-        known = self.tokens + list(fed)
-        held = min(c.offset for c in self.cache)
-        if any(c.size != c.offset for c in self.cache) or held > len(known):
-            self.reset()  # a sliding window dropped positions: the ids no longer map onto the cache
+        """Record what the cache holds after `fed` (the prefilled ids, then the generated ones) went through
+        stream_generate, which leaves every layer holding a prefix of them, however generation ended."""
+        held = self.cache[0].offset
+        if self.cache[0].size != held:
+            self.reset(self.cache[0].max_size)  # a sliding window dropped positions: the ids no longer map
             return
-        for layer_cache in self.cache:  # an interrupted step may have reached only some layers
-            layer_cache.trim(layer_cache.offset - held)
-        self.tokens = known[:held]
+        self.tokens = (self.tokens + list(fed))[:held]
 
     def generate(self, tokenizer: Tokenizer, prompt: Sequence[int], options: GenerationOptions,
                  stats: Optional["ReuseStats"] = None, *,
@@ -62,17 +61,22 @@ class PromptCache:
 
         Stop consuming (or close the iterator) at any time: the cache stays consistent.
         """
+        max_size = cache_window(self.model, options)
+        if max_size != self.cache[0].max_size:
+            self.reset(max_size)
         new = self.reuse(prompt)
         if stats is not None:
             stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
         generated: List[int] = []
+        responses = stream_generate(self.model, tokenizer, new, options, cache=self.cache, context_ids=self.tokens,
+                                    continues_text=continues_text)
         try:
-            for response in stream_generate(self.model, tokenizer, new, options, cache=self.cache,
-                                            continues_text=continues_text):
+            for response in responses:
                 if response.token >= 0:
                     generated.append(response.token)
                 yield response
         finally:
+            responses.close()  # settles the cache first
             self.sync(new + generated)
 
 

@@ -10,17 +10,21 @@ the generation code is patched.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+from dataclasses import replace
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
 from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
-from openelm_mlx.generation import StopMatcher
+from openelm_mlx import generation
+from openelm_mlx.generation import SEED_LIMIT, StopMatcher, cache_window
 from openelm_mlx.sampling import make_repetition_penalty, make_sampler
 
 PROMPTS = ["Once upon a time", "Hello world", "The quick brown fox",
@@ -225,6 +229,43 @@ def test_repetition_penalty_equals_reference(lm, penalty, context):
     assert result.tokens == reference_greedy(model, tok.encode(prompt), 12, penalty, context)
 
 
+def test_repetition_penalty_window_stays_fixed_size(lm, monkeypatch):
+    """Longer prompt and generation than the window: the penalty still equals the reference over the
+    last N ids of the whole sequence, and it is never handed more than N ids (no ever-growing history)."""
+    model, tok = lm
+    widths = []
+
+    def recording_penalty(penalty, context_size):
+        apply = make_repetition_penalty(penalty, context_size)
+
+        def record(history, logits):
+            widths.append(history.shape[1])
+            return apply(history, logits)
+
+        return record
+
+    monkeypatch.setattr(generation, "make_repetition_penalty", recording_penalty)
+    ids = tok.encode(PROMPTS[-1])
+    assert len(ids) > 6
+    result = greedy(model, tok, ids, max_tokens=14, repetition_penalty=1.5, repetition_context_size=6)
+    assert result.tokens == reference_greedy(model, ids, 14, 1.5, 6)
+    assert widths == [6] * 14
+
+
+def test_repetition_penalty_sees_the_cached_ids(lm):
+    """Continuing from a cache: the penalty window spans the cached ids (context_ids), not only the new prompt."""
+    model, tok = lm
+    first = tok.encode(PROMPTS[0])
+    options = GenerationOptions(max_tokens=5, repetition_penalty=1.5, repetition_context_size=12)
+    cache = om.make_cache(len(model.layers))
+    part1 = om.generate(model, tok, first, options, cache=cache)
+    assert part1.tokens == reference_greedy(model, first, 5, 1.5, 12)
+    more = tok.encode(" Hello world", add_bos=False)
+    part2 = om.generate(model, tok, part1.tokens[-1:] + more, replace(options, max_tokens=10), cache=cache,
+                        context_ids=first + part1.tokens[:-1])
+    assert part2.tokens == reference_greedy(model, first + part1.tokens + more, 10, 1.5, 12)
+
+
 # ---------------------------------------------------------------------------- stop strings
 
 
@@ -401,6 +442,29 @@ def test_cached_tokens_count_against_the_context(small_lm):
         om.generate(model, tok, [5] * 15, GenerationOptions(max_tokens=3), cache=cache)
 
 
+def test_only_a_cache_overflow_suggests_the_sliding_window(small_lm):
+    model, tok = small_lm
+    too_long = [1] + [5 + i % 50 for i in range(SMALL_CONTEXT)]
+    with pytest.raises(ContextLengthError) as alone:
+        greedy(model, tok, too_long)
+    assert "sliding window" not in str(alone.value)  # the prompt alone does not fit: the window cannot help
+    cache = om.make_cache(len(model.layers))
+    om.generate(model, tok, tok.encode(PROMPTS[-1])[:20], GenerationOptions(max_tokens=3), cache=cache)
+    with pytest.raises(ContextLengthError, match="22 cached.*sliding window"):
+        om.generate(model, tok, [5] * 15, GenerationOptions(max_tokens=3), cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len,max_tokens,full", [(20, 100, True), (20, 5, False), (20, 12, False),
+                                                         (SMALL_CONTEXT, 5, True), (SMALL_CONTEXT, 0, False)])
+def test_context_full_marks_a_stop_at_the_context(small_lm, prompt_len, max_tokens, full):
+    """context_full says the context, not max_tokens, ended the generation (20 + 12 fills the context)."""
+    model, tok = small_lm
+    ids = (tok.encode(PROMPTS[-1]) * 3)[:prompt_len]
+    responses = stream_list(model, tok, ids, max_tokens=max_tokens)
+    assert responses[-1].finish_reason == "length" and responses[-1].context_full == full
+    assert not any(r.context_full for r in responses[:-1])
+
+
 def test_sliding_window_continues_past_the_context(small_lm):
     model, tok = small_lm
     ids = tok.encode(PROMPTS[-1])[:20]
@@ -438,6 +502,10 @@ def test_sliding_window_needs_a_small_prefill_step(small_lm):
     ("repetition_penalty", -1.2, "repetition_penalty"),
     ("repetition_context_size", 0, "repetition_context_size"),
     ("prefill_step", 0, "prefill_step"),
+    ("seed", -1, "seed"),
+    ("seed", SEED_LIMIT, "seed"),
+    ("seed", 1e20, "seed"),
+    ("seed", True, "seed"),
 ])
 def test_invalid_options_raise_value_error(field, value, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -550,6 +618,140 @@ def test_cache_reuse_after_eos_equals_from_scratch(eos_lm, eos_is_last_allowed):
     again = om.generate(model, tok, [EOS] + follow, GenerationOptions(max_tokens=8), cache=cache)
     scratch = greedy(model, tok, first + turn.tokens + follow, max_tokens=8)
     assert again.tokens == scratch.tokens
+
+
+# ---------------------------------------------------------------------------- cache contract
+# However stream_generate ends, the cache then holds the prompt and every token the caller received but
+# the last (with max_tokens 0: the prompt). EOS and "length" are checked by the cache reuse tests above.
+
+
+def assert_cache_holds(model, cache, ids):
+    """Every layer holds exactly `ids`: its keys and values equal those of a fresh prefill of them."""
+    assert [(c.offset, c.size) for c in cache] == [(len(ids), len(ids))] * len(cache)
+    if not ids:
+        return
+    fresh = om.make_cache(len(model.layers))
+    model.hidden(mx.array([ids]), fresh)
+    for held, want in zip(cache, fresh):
+        for got, expected in zip(held.state, want.state):
+            np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def assert_contract(model, tok, prompt, received, cache):
+    """The cache holds `prompt` and `received` but its last token, and continuing from it with that last
+    token and more text gives the tokens of a fresh run over the whole sequence."""
+    assert_cache_holds(model, cache, prompt + received[:-1])
+    follow = tok.encode(" Hello world", add_bos=False)
+    again = om.generate(model, tok, received[-1:] + follow, GenerationOptions(max_tokens=6), cache=cache)
+    assert again.tokens == greedy(model, tok, prompt + received + follow, max_tokens=6).tokens
+
+
+def receive_then_end(model, tok, prompt, cache, k, ending):
+    """Take k responses of a long generation, then close the iterator or drop it (garbage collected)."""
+    stream = om.stream_generate(model, tok, prompt, GenerationOptions(max_tokens=50), cache=cache)
+    received = [next(stream).token for _ in range(k)]
+    if ending == "close":
+        stream.close()
+    else:
+        del stream
+        gc.collect()
+    return received
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("ending", ["close", "drop"])
+def test_cache_contract_when_the_caller_stops_early(lm, ending, k):
+    model, tok = lm
+    prompt = tok.encode(PROMPTS[1])
+    cache = om.make_cache(len(model.layers))
+    received = receive_then_end(model, tok, prompt, cache, k, ending)
+    assert received == greedy(model, tok, prompt, max_tokens=k).tokens
+    assert_contract(model, tok, prompt, received, cache)
+
+
+def test_cache_contract_after_a_stop_string(lm):
+    model, tok = lm
+    prompt = tok.encode(PROMPTS[0])
+    full = greedy(model, tok, prompt, max_tokens=20).text
+    cache = om.make_cache(len(model.layers))
+    result = om.generate(model, tok, prompt, GenerationOptions(max_tokens=20, stop=[full[8:11]]), cache=cache)
+    assert result.finish_reason == "stop" and len(result.tokens) < 20  # a pipelined step was in flight
+    assert_contract(model, tok, prompt, result.tokens, cache)
+
+
+def test_cache_contract_when_the_context_is_full(small_lm):
+    model, tok = small_lm
+    prompt = tok.encode(PROMPTS[-1])[:20]
+    cache = om.make_cache(len(model.layers))
+    result = om.generate(model, tok, prompt, GenerationOptions(max_tokens=100), cache=cache)
+    assert result.stats.context_full and len(result.tokens) == SMALL_CONTEXT - 20
+    assert_cache_holds(model, cache, prompt + result.tokens[:-1])  # no room left to continue with more
+
+
+@pytest.mark.parametrize("prefill_step", [512, 3])
+def test_cache_contract_with_max_tokens_zero(lm, prefill_step):
+    """max_tokens 0 prefills the prompt: the next call continues after it."""
+    model, tok = lm
+    prompt = tok.encode(PROMPTS[2])
+    cache = om.make_cache(len(model.layers))
+    result = om.generate(model, tok, prompt, GenerationOptions(max_tokens=0, prefill_step=prefill_step), cache=cache)
+    assert (result.tokens, result.finish_reason) == ([], "length")
+    assert_contract(model, tok, prompt, [], cache)
+
+
+class FailingModel:
+    """The model, failing in its `fail_at`-th forward pass after only its first layer took the new positions."""
+
+    def __init__(self, model, fail_at):
+        self.model, self.args, self.layers, self.fail_at, self.calls = model, model.args, model.layers, fail_at, 0
+
+    def hidden(self, ids, cache=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            try:
+                self.model.hidden(ids, cache[:1])  # layer 0 writes its cache, layer 1 finds none
+            except IndexError:
+                pass
+            raise RuntimeError("simulated failure in a forward pass")
+        return self.model.hidden(ids, cache)
+
+    def logits(self, hidden):
+        return self.model.logits(hidden)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+def test_cache_contract_after_a_failure(lm, fail_at):
+    model, tok = lm
+    prompt = tok.encode(PROMPTS[1])
+    cache = om.make_cache(len(model.layers))
+    received = []
+    with pytest.raises(RuntimeError, match="simulated"):
+        for response in om.stream_generate(FailingModel(model, fail_at), tok, prompt,
+                                           GenerationOptions(max_tokens=50), cache=cache):
+            received.append(response.token)
+    # Pass 1 prefills the prompt; pass n + 1 feeds token n, before token n is handed out.
+    assert len(received) == max(fail_at - 2, 0)
+    # A failed prefill leaves the cache as it was (empty here).
+    assert_contract(model, tok, prompt if fail_at > 1 else [], received, cache)
+
+
+def test_prefill_evaluates_every_layers_keys_and_values(lm, monkeypatch):
+    """Each prefill chunk ends with an evaluation of the whole cache state, so no lazy graph is carried over."""
+    model, tok = lm
+    cache = om.make_cache(len(model.layers))
+    real_eval, checked = mx.eval, []
+
+    def checking_eval(*arrays):
+        real_eval(*arrays)
+        evaluated = [np.array(a) for _, a in tree_flatten(list(arrays))]
+        for layer_cache in cache:
+            for held in layer_cache.state:
+                checked.append(any(a.shape == held.shape and np.array_equal(a, np.array(held)) for a in evaluated))
+
+    monkeypatch.setattr(mx, "eval", checking_eval)
+    ids = tok.encode(PROMPTS[-1])
+    om.generate(model, tok, ids, GenerationOptions(max_tokens=2, prefill_step=4), cache=cache)
+    assert len(checked) == 2 * len(cache) * ((len(ids) - 1) // 4) and all(checked)
 
 
 # ---------------------------------------------------------------------------- golden outputs

@@ -106,6 +106,23 @@ def test_bfloat16_matches_reference(case):
     assert agree >= 0.75, f"{name}: bf16 argmax agrees at only {agree:.0%} of positions"
 
 
+@pytest.mark.parametrize("base", [100.0, 500000.0])
+def test_rope_base_comes_from_the_config(tmp_path, base):
+    """A non-default rope_freq_constant reaches RoPE: the reference with base 10000 differs by far more
+    than the tolerance at these positions, and the model matches the reference with the config's base."""
+    config = tiny_config(**CONFIGS["hd16-gqa2/4-untied"], rope_freq_constant=base)
+    state = random_state_dict(config, seed=11)
+    ids = np.random.default_rng(3).integers(0, config["vocab_size"], size=(1, 40))
+    ref = reference_logits(config, state, ids)
+    default_base = reference_logits({**config, "rope_freq_constant": 10000}, state, ids)
+    assert np.abs(ref - default_base).max() > 100 * F32_TOL  # the test can tell the bases apart
+    model = load_model(write_hf_checkpoint(tmp_path, config, state), dtype="float32")
+    assert model.args.rope_freq_constant == base
+    diff = float(np.abs(np.array(model(mx.array(ids))) - ref).max())
+    _record("float32 vs reference", f"rope base {base:g}", max_abs_diff=diff)
+    assert diff <= F32_TOL, f"rope base {base:g}: max |logit diff| {diff:.3g} > {F32_TOL}"
+
+
 # ---------------------------------------------------------------------------------------------- mlx-lm
 
 
