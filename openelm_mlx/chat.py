@@ -54,7 +54,7 @@ class ChatSession:
         self.options = options
         self.system = system
         self.messages: List[Message] = []
-        self.prompt_cache = PromptCache(model, sliding_window=options.sliding_window)
+        self.prompt_cache = PromptCache(model)
         self.stats = TurnStats()
 
     def reset(self) -> None:

@@ -18,9 +18,9 @@ class PromptCache:
     Not thread-safe: one owner (the chat loop, the server's worker) uses it.
     """
 
-    def __init__(self, model: Model, *, sliding_window: bool = False):
-        """`sliding_window` is accepted for existing callers but decides nothing: each `generate` sizes
-        the cache for its own options (`cache_window`), starting over when the size changes."""
+    def __init__(self, model: Model):
+        """Each `generate` sizes the cache for its own options (`cache_window`), starting over when the
+        size changes."""
         self.model = model
         self.cache: List[KVCache] = []
         self.tokens: List[int] = []

@@ -44,7 +44,7 @@ def test_reuse_equals_from_scratch(lms, second):
 
 def test_a_sliding_window_that_dropped_positions_starts_over(lms):
     lm = lms[1]
-    cache = PromptCache(lm[0], sliding_window=True)
+    cache = PromptCache(lm[0])
     ids = lm[1].encode("Hello world")
     generated, _ = run(cache, lm, ids, max_tokens=40, sliding_window=True, prefill_step=8)  # runs past the 32-token context
     assert len(generated) == 40 and cache.tokens == [] and cache.cache[0].offset == 0
