@@ -2,13 +2,20 @@
 
 Filters apply in Hugging Face's order (temperature, top-k, top-p, min-p), each to the
 distribution left by the previous one. Greedy is plain argmax: no softmax, no sort.
+
+Nothing sorts the whole vocabulary unless top-p alone asks for it: top-k is an argpartition and
+the later filters and the draw work on its k survivors only; min-p is a threshold. The sampler is
+compiled with `mx.compile` (one graph per sampler, the random key or state an explicit input).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
+
+from .errors import InvalidOptionError
 
 # logits [B, V] float32, PRNG key or None (global state) -> token ids [B]
 Sampler = Callable[[mx.array, Optional[mx.array]], mx.array]
@@ -17,32 +24,79 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def greedy(logits: mx.array, key: Optional[mx.array] = None) -> mx.array:
+    """The most likely token of each row (ties: the lowest id)."""
     return mx.argmax(logits, axis=-1)
 
 
-def make_sampler(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Sampler:
-    """A sampler for the given options; temperature 0 is greedy (the other options are then moot)."""
+def _top_p(values: mx.array, top_p: float) -> mx.array:
+    """Nucleus filter on scaled logits [B, C]: keep each token with less than `top_p` of the
+    probability strictly above it (so the token that crosses `top_p` is kept); -inf elsewhere."""
+    ascending = mx.sort(values, axis=-1)  # values only: cheaper than argsort, the mask needs no ids
+    probs = mx.softmax(ascending, axis=-1)
+    mass_above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+    num_dropped = (mass_above >= top_p).sum(axis=-1, keepdims=True)  # [B, 1], the least likely ones
+    threshold = mx.take_along_axis(ascending, num_dropped, axis=-1)
+    return mx.where(values >= threshold, values, -mx.inf)
+
+
+def _candidates(logits: mx.array, inv_temp: float, top_k: int, top_p: float,
+                min_p: float) -> Tuple[mx.array, Optional[mx.array]]:
+    """The filtered, temperature-scaled logits: values [B, C] (-inf where filtered out) and their
+    token ids [B, C], or None when C is the whole vocabulary in order."""
+    ids = None
+    if 0 < top_k < logits.shape[-1]:
+        # Temperature keeps the order, so the k largest raw logits are the top-k (ties at the k-th
+        # place are broken arbitrarily: Hugging Face would keep them all).
+        ids = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[:, :top_k]  # [B, k], unordered
+        logits = mx.take_along_axis(logits, ids, axis=-1)
+    values = logits * inv_temp
+    if top_p < 1.0:
+        values = _top_p(values, top_p)
+    if min_p > 0.0:
+        # p >= min_p * p_max  <=>  logit >= max logit + log(min_p): no softmax needed, and the ratio
+        # is the same after top-p's renormalisation (top-p always keeps the most likely token).
+        floor = values.max(axis=-1, keepdims=True) + math.log(min_p)
+        values = mx.where(values >= floor, values, -mx.inf)
+    return values, ids
+
+
+def filter_logits(logits: mx.array, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> mx.array:
+    """The logits [B, V] that `make_sampler` draws from: divided by `temperature`, -inf for every
+    token top-k, top-p and min-p remove (0, 1 and 0 turn them off). Softmax gives the distribution."""
+    if not temperature > 0:
+        raise InvalidOptionError(f"temperature must be > 0 to filter (0 is greedy), got {temperature!r}")
+    values, ids = _candidates(logits, 1.0 / temperature, top_k, top_p, min_p)
+    if ids is None:
+        return values
+    return mx.put_along_axis(mx.full(logits.shape, -mx.inf, dtype=values.dtype), ids, values, axis=-1)
+
+
+def make_sampler(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, *,
+                 compiled: bool = True) -> Sampler:
+    """A sampler for the given options; temperature 0 is greedy (the other options are then moot).
+
+    The same key gives the same token; without a key the draw uses (and advances) MLX's global
+    random state, like `mx.random.categorical`. `compiled=False` runs the same graph op by op (the
+    draws are identical; bench/sampler.py measures what compiling gains).
+    """
     if temperature == 0:
         return greedy
     inv_temp = 1.0 / temperature
-    if top_k <= 0 and top_p >= 1.0 and min_p <= 0.0:
-        return lambda logits, key=None: mx.random.categorical(logits * inv_temp, key=key)
+
+    def draw(logits: mx.array, key: Optional[mx.array]) -> mx.array:
+        values, ids = _candidates(logits, inv_temp, top_k, top_p, min_p)
+        choice = mx.random.categorical(values, key=key)  # [B], an index into the candidates
+        return choice if ids is None else mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+    if not compiled:
+        return lambda logits, key=None: draw(logits, key)
+    with_key = mx.compile(draw)
+    # Without a key the global random state is read and advanced: compiled as an input and output.
+    with_state = mx.compile(lambda logits: draw(logits, None), inputs=mx.random.state, outputs=mx.random.state)
 
     def sample(logits: mx.array, key: Optional[mx.array] = None) -> mx.array:
-        order = mx.argsort(-logits, axis=-1)  # [B, V], most likely first
-        ranked = mx.take_along_axis(logits, order, axis=-1) * inv_temp
-        neg_inf = mx.array(-float("inf"), ranked.dtype)
-        if top_k > 0:
-            ranked = mx.where(mx.arange(ranked.shape[-1]) < top_k, ranked, neg_inf)
-        if top_p < 1.0:
-            probs = mx.softmax(ranked, axis=-1)
-            mass_before = mx.cumsum(probs, axis=-1) - probs  # keeps the token that crosses top_p
-            ranked = mx.where(mass_before < top_p, ranked, neg_inf)
-        if min_p > 0.0:
-            probs = mx.softmax(ranked, axis=-1)
-            ranked = mx.where(probs >= min_p * probs[:, :1], ranked, neg_inf)
-        choice = mx.random.categorical(ranked, key=key)  # index into the ranking
-        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+        return with_state(logits) if key is None else with_key(logits, key)
 
     return sample
 

@@ -95,20 +95,33 @@ class Tokenizer:
 class StreamingDetokenizer:
     """Turns tokens into text one at a time, in linear time.
 
-    Holds back bytes that do not yet form complete UTF-8 (byte-fallback characters span several
-    tokens) and drops the leading spaces decode() drops (the dummy prefix of the first word), so
-    the concatenated segments equal `tokenizer.decode(all_tokens)`.
+    Byte-fallback characters span several tokens: an incremental UTF-8 decoder holds back only a
+    valid incomplete prefix of a character (at most 3 bytes); a byte that can never complete one is
+    emitted at once as U+FFFD, as decode() renders it. Leading spaces decode() drops (the dummy
+    prefix of the first word) are dropped too, so the segments join to `tokenizer.decode(all_tokens)`.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, continues_text: bool = False):
         """continues_text: the tokens follow text already shown (a completion after its prompt), so the
         first word keeps its space, as in decode(prompt + tokens); by default they start a text."""
         self._tokenizer = tokenizer
-        self.text = ""
         self.tokens: List[int] = []
-        self._pending = b""
+        self._segments: List[str] = []
+        self._bytes = codecs.getincrementaldecoder("utf-8")(_ERRORS)
         # No text yet: a word-start space would be dropped.
         self._at_start = tokenizer.strips_first_space and not continues_text
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        if len(self._segments) > 1:
+            self._segments = ["".join(self._segments)]
+        return self._segments[0] if self._segments else ""
+
+    @property
+    def held_back(self) -> bytes:
+        """The bytes waiting for the rest of their character (a valid UTF-8 prefix, at most 3 bytes)."""
+        return self._bytes.getstate()[0]
 
     def add_token(self, token: int) -> str:
         """Add one token; return the newly complete text (possibly empty)."""
@@ -116,29 +129,24 @@ class StreamingDetokenizer:
         tokenizer = self._tokenizer
         piece = tokenizer.piece_bytes(token)
         if tokenizer.is_byte(token):
-            self._pending += piece
             self._at_start = False
-            return self._flush(final=False)
-        # Any other piece (a control one too) ends a run of bytes: what is incomplete stays U+FFFD.
-        text = self._flush(final=True) if self._pending else ""
+            return self._emit(self._bytes.decode(piece))
+        # Any other piece (a control one too) ends a run of bytes: what is incomplete becomes U+FFFD.
+        text = self._bytes.decode(b"", final=True)
         if self._at_start and tokenizer.starts_word(token):
             piece = piece[1:]  # SentencePiece's dummy prefix
             self._at_start = tokenizer.strips_later_spaces
         if piece:
             self._at_start = False
-        self._pending += piece
-        return text + self._flush(final=False)
+        return self._emit(text + piece.decode("utf-8"))  # a text piece is whole characters
 
     def finalize(self) -> str:
         """Flush what is held back (an incomplete character becomes U+FFFD, as decode() does)."""
-        return self._flush(final=True)
+        return self._emit(self._bytes.decode(b"", final=True))
 
-    def _flush(self, final: bool) -> str:
-        text = self._pending.decode("utf-8", _ERRORS)
-        if not final and text.endswith("\ufffd"):
-            return ""  # wait for the rest of a multi-byte character
-        self._pending = b""
-        self.text += text
+    def _emit(self, text: str) -> str:
+        if text:
+            self._segments.append(text)
         return text
 
 

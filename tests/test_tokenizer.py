@@ -308,3 +308,93 @@ def test_llama2_streaming_arbitrary_ids(llama):
                       for _ in range(rng.randint(1, 8))])
     for ids in cases:
         assert "".join(stream(llama, ids)) == sp.decode(ids), ids
+
+
+# ---------------------------------------------------------------------------- invalid UTF-8 from byte tokens
+
+
+def byte_id(tokenizer: Tokenizer, value: int) -> int:
+    return tokenizer.sp.piece_to_id(f"<0x{value:02X}>")
+
+
+def test_bytes_that_never_complete_a_character_stream_at_once(tok):
+    """Six <0x80> tokens: each is a stray continuation byte, emitted at once as decode() renders it
+    (one U+FFFD per byte) instead of held back for ever."""
+    stray = byte_id(tok, 0x80)
+    detok = tok.detokenizer()
+    assert [detok.add_token(stray) for _ in range(6)] == [REPLACEMENT] * 6
+    assert detok.held_back == b"" and detok.finalize() == ""
+    assert detok.text == tok.decode([stray] * 6) == REPLACEMENT * 6
+
+
+@pytest.mark.parametrize("which", ["tok", "llama"])
+def test_held_back_bytes_are_a_valid_prefix_of_at_most_three(request, which):
+    tokenizer = request.getfixturevalue(which)
+    rng = random.Random(3)
+    ids = [byte_id(tokenizer, rng.randrange(256)) for _ in range(5000)]
+    ids += [byte_id(tokenizer, b) for b in "🙂".encode()[:3]]  # ends on the longest valid prefix
+    detok = tokenizer.detokenizer()
+    longest = 0
+    for i in ids:
+        detok.add_token(i)
+        held = detok.held_back
+        longest = max(longest, len(held))
+        assert len(held) <= 3 and held.decode("utf-8", "ignore") == "", held  # incomplete, nothing decodable
+    assert longest == 3
+    detok.finalize()
+    assert detok.text == tokenizer.decode(ids)
+
+
+def random_byte_chunk(rng: random.Random) -> bytes:
+    """Bytes that byte-fallback tokens can carry: valid characters of every length, truncated ones,
+    stray continuation bytes, leads that can never start a character, overlong and surrogate forms."""
+    kind = rng.randrange(7)
+    if kind == 0:  # a whole character of 1-4 bytes
+        low, high = rng.choice([(0x20, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF)])
+        return chr(rng.randint(low, high)).encode()
+    if kind == 1:  # a truncated character
+        whole = chr(rng.randint(0x80, 0x10FFFF) if rng.random() < 0.9 else 0x1F642).encode("utf-8", "surrogatepass")
+        return whole[:rng.randrange(1, len(whole))] if len(whole) > 1 else whole
+    if kind == 2:  # stray continuation bytes
+        return bytes(rng.randint(0x80, 0xBF) for _ in range(rng.randint(1, 4)))
+    if kind == 3:  # leads that are never valid, alone or with continuations after them
+        return bytes([rng.choice([0xC0, 0xC1, 0xF5, 0xF8, 0xFC, 0xFE, 0xFF])]) + bytes(
+            rng.randint(0x80, 0xBF) for _ in range(rng.randint(0, 3)))
+    if kind == 4:  # overlong, surrogate, beyond U+10FFFF
+        return rng.choice([b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf", b"\xed\xa0\x80", b"\xed\xbf\xbf",
+                           b"\xf4\x90\x80\x80", b"\xe0\x9f\xbf"])
+    if kind == 5:  # a lead followed by something that is not a continuation
+        return bytes([rng.choice([0xC3, 0xE2, 0xF0]), rng.choice([0x41, 0xC3, 0xE2, 0x20])])
+    return bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+
+
+@pytest.mark.parametrize("which", ["tok", "llama"])
+def test_streaming_random_bytes_pieces_and_controls_equals_decode(request, which):
+    """A few thousand sequences of byte tokens (valid, truncated and invalid UTF-8), ordinary pieces
+    and control tokens: every streamed prefix is a prefix of decode(), and the whole is decode()
+    (the stream is never rewritten, so nothing shown too early)."""
+    tokenizer = request.getfixturevalue(which)
+    sp = tokenizer.sp
+    rng = random.Random(11)
+    pieces = [i for i in range(tokenizer.vocab_size) if not (sp.is_byte(i) or sp.is_control(i))]
+    controls = [i for i in range(tokenizer.vocab_size) if sp.is_control(i)] + [sp.unk_id()]
+    for _ in range(3000):
+        ids = []
+        for _ in range(rng.randint(1, 8)):
+            roll = rng.random()
+            if roll < 0.6:
+                ids += [byte_id(tokenizer, b) for b in random_byte_chunk(rng)]
+            elif roll < 0.85:
+                ids.append(rng.choice(pieces))
+            else:
+                ids.append(rng.choice(controls))
+        # Some continue a prompt: then they add what decode(prompt + ids) adds to decode(prompt).
+        prompt = sp.encode("Once upon a") if rng.random() < 0.2 else []
+        shown = sp.decode(prompt)
+        expected = sp.decode(prompt + ids)
+        detok = tokenizer.detokenizer(continues_text=bool(prompt))
+        so_far = shown
+        for i in ids:
+            so_far += detok.add_token(i)
+            assert expected.startswith(so_far), ids
+        assert so_far + detok.finalize() == expected, ids
