@@ -74,7 +74,7 @@ def test_a_hand_edited_block_fails_the_check_and_regeneration_restores_it(runner
     page.write_text(original)
     assert docs.process([page], runner, write=False, only=["help-generate"]) == ([], [])
 
-    edited = original.replace("--max-tokens MAX_TOKENS\n", "--max-tokens N\n", 1)
+    edited = original.replace("\n```\n<!-- /example -->", "\na line added by hand\n```\n<!-- /example -->")
     assert edited != original
     page.write_text(edited)
     problems, _ = docs.process([page], runner, write=False, only=["help-generate"])
@@ -103,7 +103,7 @@ def test_an_unknown_or_broken_example_is_reported(runner, tmp_path, monkeypatch)
 
 def test_check_command_exits_non_zero_listing_the_differing_block(tmp_path, capsys):
     page = tmp_path / "page.md"
-    page.write_text(_block("help-serve").replace("show this help message and exit", "show help"))
+    page.write_text(_block("help-serve").replace("$ openelm-mlx serve --help\n", "$ openelm-mlx serve --help\nedited\n"))
     assert docs.main(["--check", "--only", "help-serve", str(page)]) == 1
     assert "page.md:1: example help-serve differs from a fresh run" in capsys.readouterr().err
 
