@@ -32,13 +32,14 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("OPENELM_MLX_DOCS_DATA", ROOT.parent / "shared" / "data"))
 # The names the shared data has in the scratch directory, and so in the docs.
-DATA_NAMES = ("openelm-docs-target", "openelm-docs-draft", "llama2-tokenizer.model")
+DATA_NAMES = ("openelm-docs-target", "llama2-tokenizer.model")
 
 BLOCK = re.compile(r"(<!-- example: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /example -->)", re.DOTALL)
 COMMAND_WIDTH = 100  # wrap displayed commands with ` \` continuations past this many characters
@@ -59,6 +60,8 @@ class Step:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+    """What the block `<!-- example: NAME -->` shows: its commands, run one after the other."""
+
     steps: Tuple[Step, ...]
     needs_data: bool = False
     setup: Optional[Callable[[Path], None]] = None  # prepares the scratch directory
@@ -79,8 +82,9 @@ GREEDY_F32 = ("--dtype", "float32")
 CONVERT_PROGRESS = r"(measuring sensitivity|converting): \d+/\d+ "
 
 EXAMPLES: Dict[str, Example] = {
-    **{f"help-{name}": Example((Step((*([name] if name else []), "--help")),))
-       for name in ("", "generate", "chat", "serve", "convert", "bench")},
+    "help": Example((Step(("--help",)),)),
+    **{f"help-{name}": Example((Step((name, "--help")),))
+       for name in ("generate", "chat", "serve", "convert", "bench")},
     "generate-greedy": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "To create a list, use",
                                       "--max-tokens", "32", "--quiet")),), needs_data=True),
     "generate-stop": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "Exceptions are",
@@ -92,8 +96,6 @@ EXAMPLES: Dict[str, Example] = {
                           needs_data=True),
     "error-no-tokenizer": Example((Step(("generate", "--model", "openelm-docs-target", "--prompt", "Exceptions are"),
                                         exit_status=2),), needs_data=True),
-    "error-no-tokenizer-synthetic": Example((Step(("generate", "--model", "synthetic:270M", "--prompt", "Hello"),
-                                                  exit_status=2),)),
     "error-prompt-too-long": Example((Step(("generate", *DOCS_TARGET, "--prompt", "-"), stdin_file="long-prompt.txt",
                                            exit_status=2),), needs_data=True, setup=_write_long_prompt),
     "error-bad-option": Example((Step(("generate", "--model", "synthetic:270M", "--prompt", "Hello",
@@ -165,15 +167,33 @@ class Runner:
     def __init__(self, data_dir: Path = DATA_DIR):
         self.data_dir = data_dir
         self.results: Dict[str, str] = {}
+        self.broken: Dict[str, BrokenExample] = {}
 
     @property
     def has_data(self) -> bool:
         return all((self.data_dir / name).exists() for name in DATA_NAMES)
 
+    def run_all(self, names: Sequence[str], jobs: int) -> None:
+        """Run the examples `names` not run yet, `jobs` at a time (each is its own process)."""
+        todo = [n for n in dict.fromkeys(names) if n not in self.results and n not in self.broken]
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for name, outcome in zip(todo, pool.map(self._run_safely, todo)):
+                if isinstance(outcome, BrokenExample):
+                    self.broken[name] = outcome
+                else:
+                    self.results[name] = outcome
+
+    def _run_safely(self, name: str):
+        try:
+            return self._run(name, EXAMPLES[name])
+        except BrokenExample as e:
+            return e
+
     def output(self, name: str) -> str:
         """The console text of example `name` (commands and their output), from a fresh run."""
-        if name not in self.results:
-            self.results[name] = self._run(name, EXAMPLES[name])
+        self.run_all([name], jobs=1)
+        if name in self.broken:
+            raise self.broken[name]
         return self.results[name]
 
     def _run(self, name: str, example: Example) -> str:
@@ -230,8 +250,12 @@ def doc_files(root: Path = ROOT) -> List[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def process(files: Sequence[Path], runner: Runner, *, write: bool,
-            only: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+def _wanted(name: str, runner: Runner, only: Optional[Sequence[str]]) -> bool:
+    return name in EXAMPLES and (not only or name in only) and (runner.has_data or not EXAMPLES[name].needs_data)
+
+
+def process(files: Sequence[Path], runner: Runner, *, write: bool, only: Optional[Sequence[str]] = None,
+            jobs: int = 2) -> Tuple[List[str], List[str]]:
     """Regenerate (write=True) or compare the example blocks of `files`.
 
     Returns (problems, skipped): lines naming each block that differs, is unknown or broke, and each
@@ -239,6 +263,8 @@ def process(files: Sequence[Path], runner: Runner, *, write: bool,
     """
     problems: List[str] = []
     skipped: List[str] = []
+    runner.run_all([m["name"] for path in files for m in BLOCK.finditer(path.read_text())
+                    if _wanted(m["name"], runner, only)], jobs)
     for path in files:
         text = path.read_text()
         pieces: List[str] = []
@@ -252,7 +278,7 @@ def process(files: Sequence[Path], runner: Runner, *, write: bool,
                 problems.append(f"{where}: unknown example {name!r} (known: {', '.join(EXAMPLES)})")
                 pieces.append(body)
                 continue
-            if (only and name not in only) or (EXAMPLES[name].needs_data and not runner.has_data):
+            if not _wanted(name, runner, only):
                 if not only or name in only:
                     skipped.append(f"{where}: example {name} (needs the shared data in {runner.data_dir})")
                 pieces.append(body)
@@ -280,9 +306,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any block differs")
     parser.add_argument("--only", action="append", metavar="NAME", help="only this example (repeatable)")
+    parser.add_argument("--jobs", type=int, default=2, help="examples run at once (default %(default)s)")
     parser.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
-    problems, skipped = process(args.files or doc_files(), Runner(), write=not args.check, only=args.only)
+    problems, skipped = process(args.files or doc_files(), Runner(), write=not args.check, only=args.only,
+                                jobs=args.jobs)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     for line in problems:
