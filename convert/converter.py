@@ -19,9 +19,8 @@ from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_o
 from .recipe import RECIPES, mixed_plan
 from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report, log_probs
 from .sources import Source, open_source
-from .writer import DEFAULT_SHARD_GB, AtomicDirectory, write_json, write_tokenizer, write_weights
+from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_tokenizer, write_weights
 
-REPORT_FILE = "quantization_report.json"
 DEFAULT_GROUP_SIZE = 64
 # Token caps keep the report and the recipe's measurements quick (the built-in texts are ~300 and
 # ~200 Llama-2 tokens; a small-vocabulary tokenizer would make them several times longer).
@@ -71,7 +70,8 @@ def _stderr(message: str) -> None:
 def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) -> Optional[Dict]:
     """Convert options.source into an MLX directory at options.out; returns the quality report, if any."""
     options.validate()
-    output = AtomicDirectory(options.out, force=options.force)
+    local_source = Path(options.source).expanduser()
+    output = AtomicDirectory(options.out, force=options.force, source=local_source if local_source.exists() else None)
     source = open_source(options.source, config=options.config, keep_vocab_padding=options.keep_vocab_padding)
     args, dtype = source.args, DTYPES[options.dtype]
     check_float16(args, dtype, options.force_float16)
