@@ -22,6 +22,7 @@ from .sources import Source, open_source
 from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_tokenizer, write_weights
 
 DEFAULT_GROUP_SIZE = 64
+DEFAULT_BITS = 4  # what -q/--quantize alone gives (mlx-lm's default)
 # Token caps keep the report and the recipe's measurements quick (the built-in texts are ~300 and
 # ~200 Llama-2 tokens; a small-vocabulary tokenizer would make them several times longer).
 REPORT_MAX_TOKENS = 512

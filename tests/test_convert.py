@@ -364,3 +364,53 @@ def test_conversion_imports_neither_torch_nor_mlx_lm(tmp_path, config, state, sp
             "print(rc, 'torch' in sys.modules, 'mlx_lm' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.split() == ["0", "False", "False"], run.stderr
+
+
+# ------------------------------------------------------------------ mlx-lm's flag spellings
+
+
+def parsed_options(*argv):
+    from openelm_mlx.cli import build_parser
+    from openelm_mlx.convert.cli import options_from_args
+
+    return options_from_args(build_parser().parse_args(["convert", *argv]))
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (["src", "out"], ["--hf-path", "src", "--mlx-path", "out"]),
+    (["src", "out"], ["src", "--mlx-path", "out"]),
+    (["src", "out", "--bits", "4"], ["--hf-path", "src", "--mlx-path", "out", "-q"]),
+    (["src", "out", "--bits", "4"], ["src", "out", "--quantize"]),
+    (["src", "out", "--bits", "8"], ["src", "out", "-q", "--q-bits", "8"]),
+    (["src", "out", "--bits", "3", "--group-size", "32"], ["src", "out", "--q-bits", "3", "--q-group-size", "32"]),
+    (["src", "out", "--bits", "4", "--group-size", "128"], ["--hf-path", "src", "--mlx-path", "out", "-q",
+                                                            "--q-group-size", "128"]),
+])
+def test_mlx_lm_spellings_give_the_same_settings(ours, theirs):
+    assert parsed_options(*theirs) == parsed_options(*ours)
+
+
+def test_mlx_lm_quantize_flag_without_bits_uses_the_default_bits():
+    assert parsed_options("src", "out").bits is None
+    assert parsed_options("src", "out", "-q").bits == 4  # mlx-lm's default
+    assert parsed_options("src", "out", "-q").group_size == parsed_options("src", "out").group_size == 64
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["src", "out", "--hf-path", "other"], "SOURCE was given twice"),
+    (["src", "out", "--mlx-path", "other"], "OUT was given twice"),
+    (["--mlx-path", "out"], "SOURCE is missing"),
+    (["--hf-path", "src"], "OUT is missing"),
+])
+def test_source_or_out_given_twice_or_never_is_one_clear_line(capsys, argv, says):
+    assert main(["convert", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+def test_mlx_lm_spellings_convert(tmp_path, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    argv = ["--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "-q", "--q-group-size", "32", "--no-report"]
+    assert main(["convert", *argv]) == 0
+    quantization = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert (quantization["bits"], quantization["group_size"]) == (4, 32)
