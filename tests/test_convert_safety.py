@@ -309,3 +309,36 @@ def test_killed_conversion_leaves_no_out(tmp_path, spm_model):
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # ...removed by the next run
+
+
+# ------------------------------------------------------------------ index files (one parser: the loader's)
+
+
+@pytest.mark.parametrize("index,says", [
+    ('{"metadata": {}}', "not a valid index"),
+    ("{not json", "not a valid index"),
+    ("[1, 2]", "not a valid index"),
+    ('{"weight_map": ["model.safetensors"]}', "not a valid index"),
+    ('{"weight_map": {"transformer.norm.weight": ["model.safetensors"]}}', "not a valid index"),
+    ('{"weight_map": {"transformer.norm.weight": 5}}', "must name files in"),
+    ('{"weight_map": {"transformer.norm.weight": "../model.safetensors"}}', "must name files in"),
+    ('{"weight_map": {"transformer.norm.weight": "model-00009-of-00009.safetensors"}}', "lists shards that are not in"),
+])
+def test_bad_index_is_the_same_clear_error_for_loader_and_converter(tmp_path, capsys, config, state, index, says):
+    from openelm_mlx.errors import LoadError
+    from openelm_mlx.loading import load_model
+
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    (source / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(LoadError) as loader:
+        load_model(source)
+    line = fails(capsys, source, tmp_path / "out")
+    assert says in str(loader.value) and "model.safetensors.index.json" in str(loader.value)
+    assert line == f"openelm-mlx convert: error: {loader.value}"
+
+
+def test_bad_bin_index_names_the_bin_index(tmp_path, capsys, config, state):
+    source = write_bin_checkpoint(tmp_path / "bin", config, state, shards=2)
+    (source / "pytorch_model.bin.index.json").write_text('{"weight_map": []}')
+    line = fails(capsys, source, tmp_path / "out")
+    assert "pytorch_model.bin.index.json is not a valid index" in line
