@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from openelm_mlx.errors import ConfigError, LoadError, TokenizerNotFoundError
 from openelm_mlx.loading import DEFAULT_DTYPE, DTYPES, assign_weights, check_float16
 from openelm_mlx.model import Model
+from openelm_mlx.prompt_format import ZEPHYR, ChatTemplate, default_template_name
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer
 
 from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_outputs, quantization_block, uniform_plan
@@ -109,7 +110,8 @@ def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) ->
             config["quantization_recipe"] = recipe_record
         write_json(tmp / "config.json", config)
         if tokenizer is not None:
-            write_tokenizer(tmp, tokenizer.path, max_context_length=args.max_context_length)
+            write_tokenizer(tmp, tokenizer.path, max_context_length=args.max_context_length,
+                            chat_template=_chat_template(options))
         report = None
         if want_report:
             report = _report(reference, outputs, plan, tokenizer, options, config["quantization"])
@@ -130,6 +132,14 @@ def _tokenizer(source: Source, options: ConvertOptions, log) -> Optional[Tokeniz
         raise LoadError(f"the tokenizer {path} has {tokenizer.vocab_size} pieces but the model only "
                         f"{source.args.vocab_size}: it is not this model's tokenizer")
     return tokenizer
+
+
+def _chat_template(options: ConvertOptions) -> Optional[ChatTemplate]:
+    """Zephyr for an Instruct model, told apart by name as the runtime does (`default_template_name`):
+    SOURCE's name (its directory's, for a file) or OUT's. None for base models: they take raw text."""
+    source = Path(options.source).expanduser()
+    names = [source.parent if source.is_file() else source, options.out]
+    return ZEPHYR if any(default_template_name(str(name)) == ZEPHYR.name for name in names) else None
 
 
 def _read_text(path: Optional[Path]) -> Optional[str]:

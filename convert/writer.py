@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loading import INDEX_FILE
+from openelm_mlx.prompt_format import ROLES, ChatTemplate
 from openelm_mlx.tokenizer import TOKENIZER_FILE
 
 DEFAULT_SHARD_GB = 5.0  # mlx-lm's shard size
@@ -169,11 +170,42 @@ def write_json(path: Path, data: Dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def write_tokenizer(directory: Path, tokenizer: Path, *, max_context_length: int) -> None:
-    """tokenizer.model plus a tokenizer_config.json that says BOS is added (for Hugging Face / mlx-lm)."""
+def write_tokenizer(directory: Path, tokenizer: Path, *, max_context_length: int,
+                    chat_template: Optional[ChatTemplate] = None) -> None:
+    """tokenizer.model plus a tokenizer_config.json for Hugging Face / mlx-lm that encodes as our runtime does.
+
+    BOS is added, EOS is not. `legacy: true` makes Hugging Face's Llama tokenizer give the text after a
+    special token SentencePiece's dummy-prefix space, as the runtime does (the `▁`, id 29871, after each
+    `</s>` of a chat; spec section 6). `chat_template`: rendered as a Jinja `chat_template`, so
+    `apply_chat_template` (mlx-lm's chat path) gives the ids `conversation_ids` gives.
+    """
     shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
-    write_json(directory / TOKENIZER_CONFIG_FILE, {
+    config = {
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
         "clean_up_tokenization_spaces": False, "model_max_length": max_context_length,
-    })
+    }
+    if chat_template is not None:
+        config["chat_template"] = jinja_chat_template(chat_template)
+    write_json(directory / TOKENIZER_CONFIG_FILE, config)
+
+
+def jinja_chat_template(template: ChatTemplate) -> str:
+    """`template` as the Jinja chat template Hugging Face's `apply_chat_template` renders: BOS, each
+    message in its role's format, then the assistant's opening when a generation prompt is asked for.
+
+    Template text goes in as Jinja string literals (JSON-escaped), never as raw text, because Hugging Face
+    renders with trim_blocks, which would drop a newline that follows a tag.
+    """
+    def literal(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}"
+
+    branches = []
+    for role in ROLES:
+        before, after = template.parts(role)
+        branches.append("if message['role'] == " + json.dumps(role) + " %}"
+                        + literal(before) + "{{ message['content'] }}" + literal(after))
+    unknown = "{{ raise_exception(" + json.dumps("chat roles must be " + " or ".join(ROLES)) + ") }}"
+    return ("{{ bos_token }}{% for message in messages %}{% " + "{% el".join(branches)
+            + "{% else %}" + unknown + "{% endif %}{% endfor %}"
+            + "{% if add_generation_prompt %}" + literal(template.parts("assistant")[0]) + "{% endif %}")
