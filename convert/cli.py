@@ -25,14 +25,16 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # SOURCE and OUT may also be given as mlx-lm's --hf-path and --mlx-path (not both spellings at once).
-    parser.add_argument("source", metavar="SOURCE", nargs="?", help="checkpoint directory, file, or Hugging Face repo id")
+    parser.add_argument("source", metavar="SOURCE", nargs="?",
+                        help="checkpoint directory, file, or Hugging Face repo id")
     parser.add_argument("out", metavar="OUT", nargs="?", type=Path,
                         help="output directory (must not exist unless --force)")
     parser.add_argument("--hf-path", metavar="SOURCE", help="SOURCE, as mlx-lm spells it")
     parser.add_argument("--mlx-path", metavar="OUT", type=Path, help="OUT, as mlx-lm spells it")
     parser.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE,
                         help="dtype of unquantized tensors and of scales (default %(default)s)")
-    parser.add_argument("--bits", "--q-bits", type=int, choices=BITS, help="quantize Linear layers and the tied embedding")
+    parser.add_argument("--bits", "--q-bits", type=int, choices=BITS,
+                        help="quantize Linear layers and the tied embedding")
     parser.add_argument("-q", "--quantize", action="store_true",
                         help=f"quantize at {DEFAULT_BITS} bits unless --bits says otherwise (mlx-lm's spelling)")
     parser.add_argument("--group-size", "--q-group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
@@ -79,7 +81,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
 def _one_of(positional, option, positional_name: str, option_name: str):
     if positional is not None and option is not None:
-        raise ConfigError(f"{positional_name} was given twice (as {positional_name} and as {option_name}): give it once")
+        raise ConfigError(f"{positional_name} was given twice (as {positional_name} and as {option_name}): "
+                          "give it once")
     if positional is None and option is None:
         raise ConfigError(f"{positional_name} is missing: give it as an argument (or as {option_name})")
     return positional if positional is not None else option

@@ -20,7 +20,8 @@ from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_o
 from .recipe import RECIPES, mixed_plan
 from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report, log_probs
 from .sources import Source, open_source
-from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_tokenizer, write_weights
+from .hf_tokenizer import write_tokenizer
+from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_weights
 
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_BITS = 4  # what -q/--quantize alone gives (mlx-lm's default)

@@ -17,16 +17,17 @@ import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loading import INDEX_FILE
-from openelm_mlx.prompt_format import ROLES, ChatTemplate
 from openelm_mlx.tokenizer import TOKENIZER_FILE
+
+from .hf_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_JSON_FILE
 
 DEFAULT_SHARD_GB = 5.0  # mlx-lm's shard size
 SAFETENSORS_METADATA = {"format": "mlx"}
 REPORT_FILE = "quantization_report.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 # Every name the converter writes (plus model-0000i-of-0000n.safetensors shards): what --force may replace.
-OUTPUT_FILES = {"config.json", SINGLE_WEIGHTS_FILE, INDEX_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, REPORT_FILE}
+OUTPUT_FILES = {"config.json", SINGLE_WEIGHTS_FILE, INDEX_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                TOKENIZER_JSON_FILE, REPORT_FILE}
 
 
 class OutputExistsError(OpenELMError):
@@ -72,7 +73,8 @@ class AtomicDirectory:
             if out in path.parents:
                 return f"it contains {what}"
         if any(out.iterdir()) and not is_conversion_output(out):
-            return "it holds files this converter did not write (only an empty directory or an earlier output is replaced)"
+            return ("it holds files this converter did not write (only an empty directory or an earlier output "
+                    "is replaced)")
         return None
 
     def __enter__(self) -> Path:
@@ -168,44 +170,3 @@ def write_weights(directory: Path, tensors: Dict[str, mx.array], *, max_shard_by
 
 def write_json(path: Path, data: Dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def write_tokenizer(directory: Path, tokenizer: Path, *, max_context_length: int,
-                    chat_template: Optional[ChatTemplate] = None) -> None:
-    """tokenizer.model plus a tokenizer_config.json for Hugging Face / mlx-lm that encodes as our runtime does.
-
-    BOS is added, EOS is not. `legacy: true` makes Hugging Face's Llama tokenizer give the text after a
-    special token SentencePiece's dummy-prefix space, as the runtime does (the `▁`, id 29871, after each
-    `</s>` of a chat; spec section 6). `chat_template`: rendered as a Jinja `chat_template`, so
-    `apply_chat_template` (mlx-lm's chat path) gives the ids `conversation_ids` gives.
-    """
-    shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
-    config = {
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
-        "clean_up_tokenization_spaces": False, "model_max_length": max_context_length,
-    }
-    if chat_template is not None:
-        config["chat_template"] = jinja_chat_template(chat_template)
-    write_json(directory / TOKENIZER_CONFIG_FILE, config)
-
-
-def jinja_chat_template(template: ChatTemplate) -> str:
-    """`template` as the Jinja chat template Hugging Face's `apply_chat_template` renders: BOS, each
-    message in its role's format, then the assistant's opening when a generation prompt is asked for.
-
-    Template text goes in as Jinja string literals (JSON-escaped), never as raw text, because Hugging Face
-    renders with trim_blocks, which would drop a newline that follows a tag.
-    """
-    def literal(text: str) -> str:
-        return "{{ " + json.dumps(text) + " }}"
-
-    branches = []
-    for role in ROLES:
-        before, after = template.parts(role)
-        branches.append("if message['role'] == " + json.dumps(role) + " %}"
-                        + literal(before) + "{{ message['content'] }}" + literal(after))
-    unknown = "{{ raise_exception(" + json.dumps("chat roles must be " + " or ".join(ROLES)) + ") }}"
-    return ("{{ bos_token }}{% for message in messages %}{% " + "{% el".join(branches)
-            + "{% else %}" + unknown + "{% endif %}{% endfor %}"
-            + "{% if add_generation_prompt %}" + literal(template.parts("assistant")[0]) + "{% endif %}")

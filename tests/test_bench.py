@@ -173,9 +173,10 @@ def plot_rows():
             row.update({name: median, f"{name}_min": low, f"{name}_max": high})
         return row
 
+    model = "/data/OpenELM-270M"
     return [
-        measured("/data/OpenELM-270M, float32", "/data/OpenELM-270M", "openelm-mlx", "float32", (90, 100, 120), (40, 45, 48)),
-        measured("/data/OpenELM-270M, float32", "/data/OpenELM-270M", "mlx-lm", "bfloat16", (45, 50, 52), (20, 30, 31)),
+        measured(f"{model}, float32", model, "openelm-mlx", "float32", (90, 100, 120), (40, 45, 48)),
+        measured(f"{model}, float32", model, "mlx-lm", "bfloat16", (45, 50, 52), (20, 30, 31)),
         {"config": "/data/OpenELM-270M, float32", "impl": "openelm-mlx/mlx-lm", "model": "/data/OpenELM-270M",
          "dtype": "float32", "mlx_lm_dtype": "bfloat16", "decode_ratio": 1.5, "prefill_ratio": 2.0},
         measured(f"{LONG_MODEL} 4-bit g32, float32", LONG_MODEL, "openelm-mlx", "float32", (10, 11, 13), (5, 6, 7)),

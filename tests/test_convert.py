@@ -427,6 +427,9 @@ CONVERSATIONS = {
                       {"role": "user", "content": "And of Italy? Keep it short:\none word, please."}],
     "no system prompt": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
                          {"role": "user", "content": "Tell me a joke about café owners."}],
+    # Runs of spaces: Hugging Face's own conversion of tokenizer.model splits "a  b" as "a ▁▁ b", SentencePiece
+    # as "a ▁ ▁b"; the shipped tokenizer.json ranks the merges as SentencePiece does.
+    "code with indentation": [SYSTEM, {"role": "user", "content": "Fix this:\ndef f(x):\n    return x  +  1"}],
 }
 
 
@@ -512,14 +515,15 @@ def test_base_model_output_has_no_chat_template_and_plain_text_is_unchanged(conv
     base = converted_llama2["OpenELM-tiny"]
     assert "chat_template" not in json.loads((base / "tokenizer_config.json").read_text())
     ours, hf = Tokenizer(LLAMA2_TOKENIZER), transformers.AutoTokenizer.from_pretrained(str(base))
-    # Ordinary text only: Hugging Face's Llama tokenizer itself splits runs of spaces differently from SentencePiece.
-    for text in ("Hello world", "two\nlines\n\nand a gap", "café 日本 🙂", "x = f(1, 2)\nprint(x)"):
+    # (Not text that starts with a space: transformers' Llama tokenizer then skips SentencePiece's dummy prefix.)
+    for text in ("Hello world", "two\nlines\n\nand a gap", "café 日本 🙂", "x = f(1, 2)\nprint(x)", "a  b",
+                 "def f():\n    return 1\n\tpass", "many     spaces   here"):
         assert hf(text).input_ids == ours.encode(text), text
 
 
 def test_chat_template_errors_on_an_unknown_role():
     jinja2 = pytest.importorskip("jinja2")
-    from openelm_mlx.convert.writer import jinja_chat_template
+    from openelm_mlx.convert.hf_tokenizer import jinja_chat_template
     from openelm_mlx.prompt_format import ZEPHYR
 
     def raise_exception(message):

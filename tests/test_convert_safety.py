@@ -192,11 +192,12 @@ def test_force_replaces_an_earlier_output(tmp_path, capsys, config, state, spm_m
     source = write_hf_checkpoint(tmp_path / "hf", config, state, tokenizer=spm_model)
     out = tmp_path / "out"
     # A sharded, quantized output with a report: every kind of file the converter writes.
-    assert main(["convert", str(source), str(out), "--bits", "4", "--group-size", "32", "--max-shard-size", "0.00002"]) == 0
+    assert main(["convert", str(source), str(out), "--bits", "4", "--group-size", "32",
+                 "--max-shard-size", "0.00002"]) == 0
     assert (out / "model.safetensors.index.json").is_file() and (out / "quantization_report.json").is_file()
     assert main(["convert", str(source), str(out), "--force", "--dtype", "float32"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer.model", "tokenizer_config.json"]
     assert "quantization" not in json.loads((out / "config.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no hidden leftovers
 
