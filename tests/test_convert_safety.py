@@ -230,20 +230,24 @@ def test_force_refuses_a_plain_file(tmp_path, capsys, config, state):
     assert "not a directory" in refused_untouched(capsys, tmp_path, source, tmp_path / "out")
 
 
-@pytest.mark.parametrize("spelling", [".", "./", "work/..", "./work/../"])
-def test_force_refuses_the_current_directory_however_spelled(tmp_path, capsys, monkeypatch, config, state, spelling):
+@pytest.fixture
+def source_in_cwd(tmp_path, monkeypatch, config, state):
+    """A checkpoint at tmp_path/hf, with tmp_path (which also holds an empty `work`) as the current directory."""
     source = write_hf_checkpoint(tmp_path / "hf", config, state)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path)
-    line = refused_untouched(capsys, tmp_path, source, spelling)
-    assert "the current directory" in line
+    return source
 
 
-def test_force_refuses_a_parent_of_the_current_directory(tmp_path, capsys, monkeypatch, config, state):
-    source = write_hf_checkpoint(tmp_path / "hf", config, state)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")
-    assert "contains the current directory" in refused_untouched(capsys, tmp_path, source, "..")
+@pytest.mark.parametrize("cwd,spelling,says", [
+    (".", ".", "is the current directory"), (".", "./", "is the current directory"),
+    (".", "work/..", "is the current directory"), (".", "./work/../", "is the current directory"),
+    ("work", "..", "contains the current directory"),
+])
+def test_force_refuses_the_current_directory_however_spelled(tmp_path, capsys, monkeypatch, source_in_cwd, cwd, spelling,
+                                                            says):
+    monkeypatch.chdir(cwd)
+    assert says in refused_untouched(capsys, tmp_path, source_in_cwd, spelling)
 
 
 def test_force_refuses_the_source_and_its_parents(tmp_path, capsys, config, state):
@@ -271,13 +275,10 @@ def test_force_refuses_the_home_directory(tmp_path, capsys, monkeypatch, config,
 
 
 @pytest.mark.parametrize("spelling", ["new", "./new/", "work/../new", "new/."])
-def test_out_spellings_name_the_work_directory_beside_out(tmp_path, capsys, monkeypatch, config, state, spelling):
-    source = write_hf_checkpoint(tmp_path / "hf", config, state)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path)
-    assert main(["convert", str(source), spelling]) == 0
+def test_out_spellings_name_the_work_directory_beside_out(tmp_path, source_in_cwd, spelling):
+    assert main(["convert", str(source_in_cwd), spelling]) == 0
     assert (tmp_path / "new" / "model.safetensors").is_file()
-    assert main(["convert", str(source), spelling, "--force"]) == 0  # and replaced under the same spelling
+    assert main(["convert", str(source_in_cwd), spelling, "--force"]) == 0  # and replaced under the same spelling
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new", "work"]  # no hidden leftovers
 
 
