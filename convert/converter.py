@@ -16,11 +16,11 @@ from openelm_mlx.model import Model
 from openelm_mlx.prompt_format import ZEPHYR, ChatTemplate, default_template_name
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer
 
+from .hf_tokenizer import write_tokenizer
 from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_outputs, quantization_block, uniform_plan
 from .recipe import RECIPES, mixed_plan
 from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report, log_probs
 from .sources import Source, open_source
-from .hf_tokenizer import write_tokenizer
 from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_weights
 
 DEFAULT_GROUP_SIZE = 64

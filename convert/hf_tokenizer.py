@@ -49,20 +49,19 @@ def jinja_chat_template(template: ChatTemplate) -> str:
     def literal(text: str) -> str:
         return "{{ " + json.dumps(text) + " }}"
 
-    branches = []
-    for role in ROLES:
-        before, after = template.parts(role)
-        branches.append("if message['role'] == " + json.dumps(role) + " %}"
-                        + literal(before) + "{{ message['content'] }}" + literal(after))
+    branches = "".join(
+        "{% " + ("if" if n == 0 else "elif") + " message['role'] == " + json.dumps(role) + " %}"
+        + literal(template.parts(role)[0]) + "{{ message['content'] }}" + literal(template.parts(role)[1])
+        for n, role in enumerate(ROLES))
     unknown = "{{ raise_exception(" + json.dumps("chat roles must be " + " or ".join(ROLES)) + ") }}"
-    return ("{{ bos_token }}{% for message in messages %}{% " + "{% el".join(branches)
+    return ("{{ bos_token }}{% for message in messages %}" + branches
             + "{% else %}" + unknown + "{% endif %}{% endfor %}"
             + "{% if add_generation_prompt %}" + literal(template.parts("assistant")[0]) + "{% endif %}")
 
 
 def tokenizer_json(model: Path) -> Dict:
-    """The SentencePiece BPE model as a Hugging Face `tokenizers` file, laid out as transformers' own Llama
-    conversion writes it, except that the merges are ranked by SentencePiece's piece scores.
+    """The SentencePiece BPE model (OpenELM's is Llama-2's) as a Hugging Face `tokenizers` file, laid out as
+    transformers' own Llama conversion writes it, except that the merges are ranked by SentencePiece's scores.
 
     transformers ranks them by piece id, which puts the `▁▁` merge (id 259, score -1e9) first: it then
     encodes "a  b" as a ▁▁ b where SentencePiece (and so the runtime) gives a ▁ ▁b.
