@@ -121,32 +121,79 @@ def check_plot_available() -> None:
         raise OpenELMError("--plot needs matplotlib: pip install 'openelm-mlx[plot]' (or pip install matplotlib)") from None
 
 
-def write_plot(rows: Sequence[Dict], path: Path) -> None:
-    """Bars of prefill and decode tokens/s per configuration, ours beside mlx-lm."""
-    check_plot_available()
+PLOT_LABEL_CHARS = 28  # longest model name on the plot's axis; longer ones keep their ends around an ellipsis
+
+
+def short_model_name(name: str, limit: int = PLOT_LABEL_CHARS) -> str:
+    """A model path or repo id as the plot shows it: its last component, middle elided past `limit` characters."""
+    last = Path(name.rstrip("/")).name or name
+    if len(last) <= limit:
+        return last
+    head = (limit - 1) // 2
+    return last[:head] + "…" + last[len(last) - (limit - 1 - head):]
+
+
+def plot_label(row: Dict) -> str:
+    """A configuration's axis label: the short model name, then quantization and dtype on their own lines."""
+    config, model = row["config"], row["model"]
+    if not config.startswith(model):
+        return config.replace(", ", "\n")
+    rest = config[len(model):].lstrip(" ,")  # " 4-bit g64, float32" or ", float32"
+    return "\n".join([short_model_name(model), *rest.split(", ")]) if rest else short_model_name(model)
+
+
+def build_plot(rows: Sequence[Dict]):
+    """The benchmark figure: prefill and decode tokens/s per configuration, median bars with min-max error
+    bars, each implementation's dtype(s) in the legend, and ours/mlx-lm ratios over the bars when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if "decode_tok_s" in r]
-    labels = list(dict.fromkeys(r["config"] for r in measured))  # one group of bars per configuration
+    ratios = {r["config"]: r for r in rows if "decode_ratio" in r}
+    configs = list(dict.fromkeys(r["config"] for r in measured))  # one group of bars per configuration
     impls = list(dict.fromkeys(r["impl"] for r in measured))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.5 * len(labels) * len(impls)), 4))
-    width = 0.8 / len(impls)
-    for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill tokens/s"),
-                              (axes[1], "decode_tok_s", "decode tokens/s")):
+    by_key = {(r["config"], r["impl"]): r for r in measured}
+    labels = [plot_label(next(r for r in measured if r["config"] == c)) for c in configs]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.5 * len(configs) * len(impls)), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for ax, kind in zip(axes, ("prefill", "decode")):
+        metric = f"{kind}_tok_s"
         for k, impl in enumerate(impls):
-            values = []
-            for label in labels:
-                match = [r[metric] for r in measured if r["impl"] == impl and r["config"] == label]
-                values.append(match[0] if match else 0.0)
-            ax.bar([i + k * width for i in range(len(labels))], values, width, label=impl)
-        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))],
-                      [label.replace(", ", "\n") for label in labels], fontsize=7)
-        ax.set_title(title)
-        ax.legend()
-    fig.suptitle(f"{measured[0]['device']}, MLX {measured[0]['mlx_version']}" if measured else "")
+            rows_here = [by_key.get((c, impl)) for c in configs]
+            missing = float("nan")  # a configuration this implementation did not run: no bar
+            medians = [r[metric] if r else missing for r in rows_here]
+            below = [r[metric] - r[f"{metric}_min"] if r else missing for r in rows_here]
+            above = [r[f"{metric}_max"] - r[metric] if r else missing for r in rows_here]
+            dtypes = "/".join(dict.fromkeys(r["dtype"] for r in rows_here if r))
+            ax.bar([i + k * width for i in range(len(configs))], medians, width, yerr=[below, above], capsize=3,
+                   label=f"{impl} ({dtypes})")
+        for i, config in enumerate(configs):
+            ratio = ratios.get(config, {}).get(f"{kind}_ratio")
+            if ratio is None:
+                continue
+            top = max(by_key[(config, impl)][f"{metric}_max"] for impl in impls if (config, impl) in by_key)
+            ax.annotate(f"x{ratio:.2f}", (i + width * (len(impls) - 1) / 2, top), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=8)
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(configs))], labels, fontsize=7)
+        ax.set_title(f"{kind} tokens/s")
+        ax.margins(y=0.12)  # room for the ratio text above the tallest error bar
+        ax.legend(fontsize=7)
+    where = f"{measured[0]['device']}, MLX {measured[0]['mlx_version']}: " if measured else ""
+    fig.suptitle(where + "median over trials, whiskers min-max" + ("; xN = ours / mlx-lm" if ratios else ""),
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def write_plot(rows: Sequence[Dict], path: Path) -> None:
+    """Save `build_plot(rows)` to `path` (the format follows its suffix)."""
+    check_plot_available()
+    fig = build_plot(rows)
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path)
+    finally:
+        plt.close(fig)

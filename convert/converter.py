@@ -13,16 +13,18 @@ from mlx.utils import tree_flatten
 from openelm_mlx.errors import ConfigError, LoadError, TokenizerNotFoundError
 from openelm_mlx.loading import DEFAULT_DTYPE, DTYPES, assign_weights, check_float16
 from openelm_mlx.model import Model
+from openelm_mlx.prompt_format import ZEPHYR, ChatTemplate, default_template_name
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer
 
+from .hf_tokenizer import write_tokenizer
 from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_outputs, quantization_block, uniform_plan
 from .recipe import RECIPES, mixed_plan
 from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report, log_probs
 from .sources import Source, open_source
-from .writer import DEFAULT_SHARD_GB, AtomicDirectory, write_json, write_tokenizer, write_weights
+from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_weights
 
-REPORT_FILE = "quantization_report.json"
 DEFAULT_GROUP_SIZE = 64
+DEFAULT_BITS = 4  # what -q/--quantize alone gives (mlx-lm's default)
 # Token caps keep the report and the recipe's measurements quick (the built-in texts are ~300 and
 # ~200 Llama-2 tokens; a small-vocabulary tokenizer would make them several times longer).
 REPORT_MAX_TOKENS = 512
@@ -71,7 +73,8 @@ def _stderr(message: str) -> None:
 def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) -> Optional[Dict]:
     """Convert options.source into an MLX directory at options.out; returns the quality report, if any."""
     options.validate()
-    output = AtomicDirectory(options.out, force=options.force)
+    local_source = Path(options.source).expanduser()
+    output = AtomicDirectory(options.out, force=options.force, source=local_source if local_source.exists() else None)
     source = open_source(options.source, config=options.config, keep_vocab_padding=options.keep_vocab_padding)
     args, dtype = source.args, DTYPES[options.dtype]
     check_float16(args, dtype, options.force_float16)
@@ -108,7 +111,8 @@ def convert(options: ConvertOptions, *, log: Callable[[str], None] = _stderr) ->
             config["quantization_recipe"] = recipe_record
         write_json(tmp / "config.json", config)
         if tokenizer is not None:
-            write_tokenizer(tmp, tokenizer.path, max_context_length=args.max_context_length)
+            write_tokenizer(tmp, tokenizer.path, max_context_length=args.max_context_length,
+                            chat_template=_chat_template(options))
         report = None
         if want_report:
             report = _report(reference, outputs, plan, tokenizer, options, config["quantization"])
@@ -129,6 +133,14 @@ def _tokenizer(source: Source, options: ConvertOptions, log) -> Optional[Tokeniz
         raise LoadError(f"the tokenizer {path} has {tokenizer.vocab_size} pieces but the model only "
                         f"{source.args.vocab_size}: it is not this model's tokenizer")
     return tokenizer
+
+
+def _chat_template(options: ConvertOptions) -> Optional[ChatTemplate]:
+    """Zephyr for an Instruct model, told apart by name as the runtime does (`default_template_name`):
+    SOURCE's name (its directory's, for a file) or OUT's. None for base models: they take raw text."""
+    source = Path(options.source).expanduser()
+    names = [source.parent if source.is_file() else source, options.out]
+    return ZEPHYR if any(default_template_name(str(name)) == ZEPHYR.name for name in names) else None
 
 
 def _read_text(path: Optional[Path]) -> Optional[str]:

@@ -7,7 +7,6 @@ beyond headers here; each tensor is read when its `load()` is called.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple
@@ -17,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from openelm_mlx.config import ModelArgs
 from openelm_mlx.errors import LoadError
-from openelm_mlx.loading import HUB_FILES, INDEX_FILE, read_json_object, resolve_model_dir
+from openelm_mlx.loading import HUB_FILES, INDEX_FILE, indexed_files, read_json_object, resolve_model_dir
 from openelm_mlx.model import Model
 
 from . import corenet
@@ -110,11 +109,11 @@ def _open_file(path: Path, config: Optional[Path], keep_padding: bool) -> Source
 
 
 def _open_dir(path: Path, config: Optional[Path], keep_padding: bool) -> Source:
-    safetensors = _listed_files(path, INDEX_FILE, "model*.safetensors")
+    safetensors = indexed_files(path, INDEX_FILE, "model*.safetensors")
     if safetensors:
         tensors, origins, metadata = _safetensors_tensors(safetensors)
         return _hf_or_mlx(path, path, _config_beside(path / "config.json", config), tensors, origins, metadata)
-    bins = _listed_files(path, BIN_INDEX_FILE, "pytorch_model*.bin")
+    bins = indexed_files(path, BIN_INDEX_FILE, "pytorch_model*.bin")
     if bins:
         tensors, origins = _torch_tensors(bins)
         return _finish("pytorch-bin", path, path, _config_beside(path / "config.json", config), tensors, origins)
@@ -126,22 +125,6 @@ def _open_dir(path: Path, config: Optional[Path], keep_padding: bool) -> Source:
                         "pass the one to convert as SOURCE")
     raise LoadError(f"{path} holds no checkpoint: expected model*.safetensors, pytorch_model*.bin, or a CoreNet "
                     ".pt with its YAML")
-
-
-def _listed_files(directory: Path, index_name: str, pattern: str) -> List[Path]:
-    """Shards named by an index file, or every file matching `pattern`."""
-    index = directory / index_name
-    if not index.is_file():
-        return sorted(directory.glob(pattern))
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / name for name in weight_map.values()})
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise LoadError(f"{index} is not a valid index (needs a 'weight_map'): {e}") from None
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise LoadError(f"{index} lists shards that are not in {directory}: {', '.join(missing)}")
-    return files
 
 
 def _safetensors_tensors(files: List[Path]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -137,20 +137,31 @@ def read_json_object(path: Path) -> dict:
     return config
 
 
+def indexed_files(directory: Path, index_name: str, pattern: str) -> List[Path]:
+    """The shard files an index (`index_name`, e.g. model.safetensors.index.json) maps tensors to, all
+    checked present; without an index, every file matching `pattern`. Used by the loader and the converter."""
+    index = directory / index_name
+    if not index.is_file():
+        return sorted(directory.glob(pattern))
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise LoadError(f"{index} is not a valid index (needs a 'weight_map' from tensor names to file names): "
+                        f"{type(e).__name__}: {e}") from None
+    strange = sorted(repr(n) for n in names if not isinstance(n, str) or not n or Path(n).name != n)
+    if strange:
+        raise LoadError(f"{index} maps tensors to {', '.join(strange[:3])}: the 'weight_map' must name files "
+                        f"in {directory}")
+    files = sorted(directory / name for name in names)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LoadError(f"{index} lists shards that are not in {directory}: {', '.join(missing)}")
+    return files
+
+
 def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     """All tensors of the checkpoint: sharded (index file) or every model*.safetensors."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-        files = sorted({model_dir / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise LoadError(f"{index} lists shards that are not in {model_dir}: {', '.join(missing)}")
-    else:
-        files = sorted(model_dir.glob("model*.safetensors"))
+    files = indexed_files(model_dir, INDEX_FILE, "model*.safetensors")
     if not files:
         has_torch = any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt"))
         hint = (" (PyTorch .bin/.pt checkpoints are not loaded directly: convert them with "

@@ -161,6 +161,76 @@ def test_plot(capsys, tiny_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+LONG_MODEL = "/Users/someone/models/converted/OpenELM-270M-Instruct-mlx-4bit-group32-with-a-long-suffix"
+
+
+def plot_rows():
+    """Records as `bench` writes them: one configuration measured against mlx-lm (with its ratio row),
+    one measured alone, with a long model path."""
+    def measured(config, model, impl, dtype, prefill, decode):
+        row = {"config": config, "model": model, "impl": impl, "dtype": dtype, "device": "cpu", "mlx_version": "0"}
+        for name, (low, median, high) in (("prefill_tok_s", prefill), ("decode_tok_s", decode)):
+            row.update({name: median, f"{name}_min": low, f"{name}_max": high})
+        return row
+
+    model = "/data/OpenELM-270M"
+    return [
+        measured(f"{model}, float32", model, "openelm-mlx", "float32", (90, 100, 120), (40, 45, 48)),
+        measured(f"{model}, float32", model, "mlx-lm", "bfloat16", (45, 50, 52), (20, 30, 31)),
+        {"config": "/data/OpenELM-270M, float32", "impl": "openelm-mlx/mlx-lm", "model": "/data/OpenELM-270M",
+         "dtype": "float32", "mlx_lm_dtype": "bfloat16", "decode_ratio": 1.5, "prefill_ratio": 2.0},
+        measured(f"{LONG_MODEL} 4-bit g32, float32", LONG_MODEL, "openelm-mlx", "float32", (10, 11, 13), (5, 6, 7)),
+    ]
+
+
+def test_plot_shows_min_max_ratio_dtypes_and_short_labels():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    from openelm_mlx.bench.report import PLOT_LABEL_CHARS, build_plot
+
+    fig = build_plot(plot_rows())
+    try:
+        prefill, decode = fig.axes
+        for ax, metric, ratio in ((prefill, "prefill_tok_s", "x2.00"), (decode, "decode_tok_s", "x1.50")):
+            bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+            assert [c.get_label() for c in bars] == ["openelm-mlx (float32)", "mlx-lm (bfloat16)"]
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["openelm-mlx (float32)", "mlx-lm (bfloat16)"]
+            # Each bar's height is the median and its error bar spans the trials' min to max.
+            expected = {"openelm-mlx": [r for r in plot_rows() if r["impl"] == "openelm-mlx"],
+                        "mlx-lm": [r for r in plot_rows() if r["impl"] == "mlx-lm"]}
+            for container, impl in zip(bars, ("openelm-mlx", "mlx-lm")):
+                # (a configuration the implementation did not run has a NaN bar and an empty segment)
+                spans = [sorted(seg[:, 1]) for seg in container.errorbar.lines[2][0].get_segments() if len(seg)]
+                assert len(spans) == len(expected[impl])
+                for bar, span, row in zip(container.patches, spans, expected[impl]):
+                    assert bar.get_height() == pytest.approx(row[metric])
+                    assert span == pytest.approx([row[f"{metric}_min"], row[f"{metric}_max"]])
+            # The ratio is printed once, over the configuration that has one.
+            assert [t.get_text() for t in ax.texts] == [ratio]
+            labels = [t.get_text() for t in ax.get_xticklabels()]
+            assert labels[0] == "OpenELM-270M\nfloat32"
+            name, quant, dtype = labels[1].split("\n")
+            assert (quant, dtype) == ("4-bit g32", "float32") and "/" not in name and len(name) == PLOT_LABEL_CHARS
+            assert name.startswith("OpenELM-270M-") and "…" in name and name.endswith("-long-suffix")
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("name,shown", [
+    ("/a/b/OpenELM-270M", "OpenELM-270M"),
+    ("/a/b/OpenELM-270M/", "OpenELM-270M"),
+    ("apple/OpenELM-3B-Instruct", "OpenELM-3B-Instruct"),
+    ("synthetic 270M", "synthetic 270M"),
+    ("x" * 10 + "y" * 40, "x" * 10 + "y" * 3 + "…" + "y" * 14),
+])
+def test_short_model_name(name, shown):
+    from openelm_mlx.bench.report import short_model_name
+
+    assert short_model_name(name) == shown
+
+
 def test_plot_without_matplotlib_is_a_clear_error(capsys, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if it were not installed
     code, _, err = run_main(capsys, ["bench", "--model", str(tiny_dir), "--plot", str(tmp_path / "x.png")])

@@ -24,7 +24,7 @@ from openelm_mlx.convert import ConvertOptions, convert
 from openelm_mlx.loading import load_model
 
 from convert_helpers import corenet_config, write_bin_checkpoint, write_corenet_checkpoint
-from helpers import random_state_dict, tensor_shapes, tiny_config, write_hf_checkpoint
+from helpers import LLAMA2_TOKENIZER, random_state_dict, tensor_shapes, tiny_config, write_hf_checkpoint
 from reference import reference_logits
 
 IDS = [[1, 5, 9, 200, 3, 7, 42, 319, 13, 2, 77, 150]]
@@ -364,3 +364,171 @@ def test_conversion_imports_neither_torch_nor_mlx_lm(tmp_path, config, state, sp
             "print(rc, 'torch' in sys.modules, 'mlx_lm' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.split() == ["0", "False", "False"], run.stderr
+
+
+# ------------------------------------------------------------------ mlx-lm's flag spellings
+
+
+def parsed_options(*argv):
+    from openelm_mlx.cli import build_parser
+    from openelm_mlx.convert.cli import options_from_args
+
+    return options_from_args(build_parser().parse_args(["convert", *argv]))
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (["src", "out"], ["--hf-path", "src", "--mlx-path", "out"]),
+    (["src", "out"], ["src", "--mlx-path", "out"]),
+    (["src", "out", "--bits", "4"], ["--hf-path", "src", "--mlx-path", "out", "-q"]),
+    (["src", "out", "--bits", "4"], ["src", "out", "--quantize"]),
+    (["src", "out", "--bits", "8"], ["src", "out", "-q", "--q-bits", "8"]),
+    (["src", "out", "--bits", "3", "--group-size", "32"], ["src", "out", "--q-bits", "3", "--q-group-size", "32"]),
+    (["src", "out", "--bits", "4", "--group-size", "128"], ["--hf-path", "src", "--mlx-path", "out", "-q",
+                                                            "--q-group-size", "128"]),
+])
+def test_mlx_lm_spellings_give_the_same_settings(ours, theirs):
+    assert parsed_options(*theirs) == parsed_options(*ours)
+
+
+def test_mlx_lm_quantize_flag_without_bits_uses_the_default_bits():
+    assert parsed_options("src", "out").bits is None
+    assert parsed_options("src", "out", "-q").bits == 4  # mlx-lm's default
+    assert parsed_options("src", "out", "-q").group_size == parsed_options("src", "out").group_size == 64
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["src", "out", "--hf-path", "other"], "SOURCE was given twice"),
+    (["src", "out", "--mlx-path", "other"], "OUT was given twice"),
+    (["--mlx-path", "out"], "SOURCE is missing"),
+    (["--hf-path", "src"], "OUT is missing"),
+])
+def test_source_or_out_given_twice_or_never_is_one_clear_line(capsys, argv, says):
+    assert main(["convert", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+def test_mlx_lm_spellings_convert(tmp_path, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    argv = ["--hf-path", str(source), "--mlx-path", str(tmp_path / "out"), "-q", "--q-group-size", "32", "--no-report"]
+    assert main(["convert", *argv]) == 0
+    quantization = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert (quantization["bits"], quantization["group_size"]) == (4, 32)
+
+
+# ------------------------------------------------------------------ the shipped tokenizer files vs our runtime's ids
+
+needs_llama2 = pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="shared Llama-2 tokenizer absent")
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer in one sentence."}
+CONVERSATIONS = {
+    "one turn": [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+    "several turns": [SYSTEM, {"role": "user", "content": "What is the capital of France?"},
+                      {"role": "assistant", "content": "Paris, on the Seine."},
+                      {"role": "user", "content": "And of Italy? Keep it short:\none word, please."}],
+    "no system prompt": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+                         {"role": "user", "content": "Tell me a joke about café owners."}],
+    # Runs of spaces: Hugging Face's own conversion of tokenizer.model splits "a  b" as "a ▁▁ b", SentencePiece
+    # as "a ▁ ▁b"; the shipped tokenizer.json ranks the merges as SentencePiece does.
+    "code with indentation": [SYSTEM, {"role": "user", "content": "Fix this:\ndef f(x):\n    return x  +  1"}],
+}
+
+
+@pytest.fixture(scope="module")
+def converted_llama2(tmp_path_factory):
+    """A tiny Instruct-named checkpoint with the real Llama-2 tokenizer, converted (unquantized), and a base one."""
+    config = tiny_config(num_layers=1, vocab_size=32000)
+    state = random_state_dict(config, seed=5)
+    root = tmp_path_factory.mktemp("llama2")
+    outs = {}
+    for name in ("OpenELM-tiny-Instruct", "OpenELM-tiny"):
+        source = write_hf_checkpoint(root / name, config, state)
+        outs[name] = root / f"{name}-mlx"
+        run_convert(source, outs[name], tokenizer=LLAMA2_TOKENIZER, dtype="float32")
+    return outs
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(converted_llama2):
+    """Hugging Face's tokenizer as read from the Instruct output's own files."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(converted_llama2["OpenELM-tiny-Instruct"]))
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_tokenizer(converted_llama2):
+    """The tokenizer `mlx_lm.load` returns for the Instruct output."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    return mlx_lm.load(str(converted_llama2["OpenELM-tiny-Instruct"]))[1]
+
+
+def runtime_ids(messages, add_generation_prompt=True):
+    from openelm_mlx.prompt_format import ZEPHYR, conversation_ids
+    from openelm_mlx.tokenizer import Tokenizer
+
+    return conversation_ids(Tokenizer(LLAMA2_TOKENIZER), ZEPHYR, messages, add_generation_prompt=add_generation_prompt)
+
+
+def zephyr_text(messages) -> str:
+    """The Zephyr rendering written out by hand (spec section 6), with the generation prompt."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in messages) + "<|assistant|>\n"
+
+
+@needs_llama2
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_hugging_face_tokenizer_of_the_output_encodes_chats_as_the_runtime(hf_tokenizer, name):
+    # Hugging Face's Llama tokenizer read from the output's own files; </s> in the text is its EOS token.
+    messages = CONVERSATIONS[name]
+    expected = runtime_ids(messages)
+    assert expected.count(2) == len(messages) and expected.count(29871) >= len(messages)  # the ▁ after each EOS
+    hf = hf_tokenizer
+    assert "Llama" in type(hf).__name__
+    assert hf(zephyr_text(messages)).input_ids == expected
+    # The chat template renders the same text and ids: as ids, and as text encoded without special tokens.
+    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>" + zephyr_text(messages)
+    assert hf(rendered, add_special_tokens=False).input_ids == expected
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] == expected
+    history = hf.apply_chat_template(messages, add_generation_prompt=False, return_dict=True)["input_ids"]
+    assert history == runtime_ids(messages, add_generation_prompt=False)
+
+
+@needs_llama2
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_mlx_lm_tokenizer_of_the_output_encodes_chats_as_the_runtime(mlx_lm_tokenizer, name):
+    messages = CONVERSATIONS[name]
+    expected = runtime_ids(messages)
+    tokenizer = mlx_lm_tokenizer
+    assert tokenizer.encode(zephyr_text(messages)) == expected
+    assert tokenizer.has_chat_template
+    # mlx_lm.generate's chat path: the template rendered as text, then encoded without special tokens.
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.encode(rendered, add_special_tokens=False) == expected
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == expected
+
+
+@needs_llama2
+def test_base_model_output_has_no_chat_template_and_plain_text_is_unchanged(converted_llama2):
+    # A base model takes raw text (the runtime's default for it), so mlx-lm must not wrap prompts in a chat format.
+    transformers = pytest.importorskip("transformers")
+    from openelm_mlx.tokenizer import Tokenizer
+
+    base = converted_llama2["OpenELM-tiny"]
+    assert "chat_template" not in json.loads((base / "tokenizer_config.json").read_text())
+    ours, hf = Tokenizer(LLAMA2_TOKENIZER), transformers.AutoTokenizer.from_pretrained(str(base))
+    # (Not text that starts with a space: transformers' Llama tokenizer then skips SentencePiece's dummy prefix.)
+    for text in ("Hello world", "two\nlines\n\nand a gap", "café 日本 🙂", "x = f(1, 2)\nprint(x)", "a  b",
+                 "def f():\n    return 1\n\tpass", "many     spaces   here"):
+        assert hf(text).input_ids == ours.encode(text), text
+
+
+def test_chat_template_errors_on_an_unknown_role():
+    jinja2 = pytest.importorskip("jinja2")
+    from openelm_mlx.convert.hf_tokenizer import jinja_chat_template
+    from openelm_mlx.prompt_format import ZEPHYR
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(jinja_chat_template(ZEPHYR))
+    with pytest.raises(ValueError, match="roles must be system or user or assistant"):
+        template.render(messages=[{"role": "tool", "content": "x"}], bos_token="<s>", raise_exception=raise_exception)

@@ -165,16 +165,121 @@ def test_hub_repo_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------ OUT is all or nothing
 
 
+def tree(root) -> dict:
+    """Every path under `root` (hidden ones too) with its bytes (None for a directory): to compare before/after."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+def refused_untouched(capsys, root, *argv) -> str:
+    """`convert ARGV --force` must fail with one line and leave everything under `root` byte-identical."""
+    before = tree(root)
+    line = fails(capsys, *argv, "--force")
+    assert tree(root) == before
+    return line
+
+
 def test_existing_out_refused_unless_force(tmp_path, capsys, config, state):
     source = write_hf_checkpoint(tmp_path / "hf", config, state)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     assert "already exists" in fails(capsys, source, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", str(source), str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert main(["convert", str(source), str(out), "--force"]) == 0  # an empty directory may be replaced
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_force_replaces_an_earlier_output(tmp_path, capsys, config, state, spm_model):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state, tokenizer=spm_model)
+    out = tmp_path / "out"
+    # A sharded, quantized output with a report: every kind of file the converter writes.
+    assert main(["convert", str(source), str(out), "--bits", "4", "--group-size", "32",
+                 "--max-shard-size", "0.00002"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and (out / "quantization_report.json").is_file()
+    assert main(["convert", str(source), str(out), "--force", "--dtype", "float32"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer.model", "tokenizer_config.json"]
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no hidden leftovers
+
+
+def test_force_refuses_a_folder_with_other_files(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    out = tmp_path / "some" / "dir"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    line = refused_untouched(capsys, tmp_path, source, out)
+    assert "--force will not replace" in line and "did not write" in line
+    # An earlier output with one foreign file in it is not an earlier output any more.
+    earlier = tmp_path / "earlier"
+    assert main(["convert", str(source), str(earlier)]) == 0
+    (earlier / "notes.txt").write_text("mine")
+    assert "did not write" in refused_untouched(capsys, tmp_path, source, earlier)
+
+
+def test_force_refuses_a_directory_of_converter_names_that_is_not_openelm(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    out = tmp_path / "llama"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "did not write" in refused_untouched(capsys, tmp_path, source, out)
+
+
+def test_force_refuses_a_plain_file(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    (tmp_path / "out").write_text("not a directory")
+    assert "not a directory" in refused_untouched(capsys, tmp_path, source, tmp_path / "out")
+
+
+@pytest.fixture
+def source_in_cwd(tmp_path, monkeypatch, config, state):
+    """A checkpoint at tmp_path/hf, with tmp_path (which also holds an empty `work`) as the current directory."""
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return source
+
+
+@pytest.mark.parametrize("cwd,spelling,says", [
+    (".", ".", "is the current directory"), (".", "./", "is the current directory"),
+    (".", "work/..", "is the current directory"), (".", "./work/../", "is the current directory"),
+    ("work", "..", "contains the current directory"),
+])
+def test_force_refuses_the_current_directory_however_spelled(tmp_path, capsys, monkeypatch, source_in_cwd, cwd, spelling,
+                                                            says):
+    monkeypatch.chdir(cwd)
+    assert says in refused_untouched(capsys, tmp_path, source_in_cwd, spelling)
+
+
+def test_force_refuses_the_source_and_its_parents(tmp_path, capsys, config, state):
+    source = write_hf_checkpoint(tmp_path / "models" / "hf", config, state)
+    assert "is the source checkpoint" in refused_untouched(capsys, tmp_path, source, source)
+    assert "contains the source checkpoint" in refused_untouched(capsys, tmp_path, source, tmp_path / "models")
+    # The source given as a file: its directory is refused too.
+    line = refused_untouched(capsys, tmp_path, source / "model.safetensors", source)
+    assert "contains the source checkpoint" in line
+    # Even when the source is itself an earlier conversion output (converting it in place).
+    earlier = tmp_path / "earlier"
+    assert main(["convert", str(source), str(earlier)]) == 0
+    assert "is the source checkpoint" in refused_untouched(capsys, tmp_path, earlier, earlier, "--bits", "4")
+
+
+def test_force_refuses_the_home_directory(tmp_path, capsys, monkeypatch, config, state):
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    home = tmp_path / "users" / "me"
+    home.mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "work")
+    assert "is your home directory" in refused_untouched(capsys, tmp_path, source, "~")
+    assert "contains your home directory" in refused_untouched(capsys, tmp_path, source, tmp_path / "users")
+
+
+@pytest.mark.parametrize("spelling", ["new", "./new/", "work/../new", "new/."])
+def test_out_spellings_name_the_work_directory_beside_out(tmp_path, source_in_cwd, spelling):
+    assert main(["convert", str(source_in_cwd), spelling]) == 0
+    assert (tmp_path / "new" / "model.safetensors").is_file()
+    assert main(["convert", str(source_in_cwd), spelling, "--force"]) == 0  # and replaced under the same spelling
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new", "work"]  # no hidden leftovers
 
 
 def test_failure_midway_leaves_no_out(tmp_path, capsys, config, state):
@@ -206,3 +311,36 @@ def test_killed_conversion_leaves_no_out(tmp_path, spm_model):
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())  # ...removed by the next run
+
+
+# ------------------------------------------------------------------ index files (one parser: the loader's)
+
+
+@pytest.mark.parametrize("index,says", [
+    ('{"metadata": {}}', "not a valid index"),
+    ("{not json", "not a valid index"),
+    ("[1, 2]", "not a valid index"),
+    ('{"weight_map": ["model.safetensors"]}', "not a valid index"),
+    ('{"weight_map": {"transformer.norm.weight": ["model.safetensors"]}}', "not a valid index"),
+    ('{"weight_map": {"transformer.norm.weight": 5}}', "must name files in"),
+    ('{"weight_map": {"transformer.norm.weight": "../model.safetensors"}}', "must name files in"),
+    ('{"weight_map": {"transformer.norm.weight": "model-00009-of-00009.safetensors"}}', "lists shards that are not in"),
+])
+def test_bad_index_is_the_same_clear_error_for_loader_and_converter(tmp_path, capsys, config, state, index, says):
+    from openelm_mlx.errors import LoadError
+    from openelm_mlx.loading import load_model
+
+    source = write_hf_checkpoint(tmp_path / "hf", config, state)
+    (source / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(LoadError) as loader:
+        load_model(source)
+    line = fails(capsys, source, tmp_path / "out")
+    assert says in str(loader.value) and "model.safetensors.index.json" in str(loader.value)
+    assert line == f"openelm-mlx convert: error: {loader.value}"
+
+
+def test_bad_bin_index_names_the_bin_index(tmp_path, capsys, config, state):
+    source = write_bin_checkpoint(tmp_path / "bin", config, state, shards=2)
+    (source / "pytorch_model.bin.index.json").write_text('{"weight_map": []}')
+    line = fails(capsys, source, tmp_path / "out")
+    assert "pytorch_model.bin.index.json is not a valid index" in line
