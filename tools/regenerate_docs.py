@@ -76,6 +76,11 @@ def _make_existing_out(workdir: Path) -> None:
     (workdir / "docs-4bit").mkdir()
 
 
+def _make_folder_with_notes(workdir: Path) -> None:
+    (workdir / "notes").mkdir()
+    (workdir / "notes" / "todo.txt").write_text("not a conversion output\n")
+
+
 TOKENIZER = ("--tokenizer", "llama2-tokenizer.model")
 DOCS_TARGET = ("--model", "openelm-docs-target", *TOKENIZER)
 GREEDY_F32 = ("--dtype", "float32")
@@ -102,6 +107,8 @@ EXAMPLES: Dict[str, Example] = {
                                        "--top-p", "1.5"), exit_status=2),)),
     "error-convert-out-exists": Example((Step(("convert", "openelm-docs-target", "docs-4bit", "--bits", "4"),
                                               exit_status=2),), needs_data=True, setup=_make_existing_out),
+    "error-convert-force-refused": Example((Step(("convert", "openelm-docs-target", "notes", "--bits", "4", "--force"),
+                                                 exit_status=2),), needs_data=True, setup=_make_folder_with_notes),
     "convert-4bit": Example((
         Step(("convert", "openelm-docs-target", "docs-4bit", "--bits", "4", *TOKENIZER), elide=CONVERT_PROGRESS),
         Step(("generate", "--model", "docs-4bit", "--prompt", "To create a list, use", "--max-tokens", "24",
