@@ -370,7 +370,7 @@ def test_conversion_imports_neither_torch_nor_mlx_lm(tmp_path, config, state, sp
 
 
 def parsed_options(*argv):
-    from openelm_mlx.cli import build_parser
+    from openelm_mlx.commands import build_parser
     from openelm_mlx.convert.cli import options_from_args
 
     return options_from_args(build_parser().parse_args(["convert", *argv]))
