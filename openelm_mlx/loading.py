@@ -58,11 +58,7 @@ def _load_synthetic(size: str, *, dtype: Optional[str], tokenizer: Optional[str 
                     force_float16: bool) -> Tuple[Model, Tokenizer]:
     """A random-weight model of a released size, with the tokenizer found or given."""
     tok = Tokenizer(find_tokenizer(None, tokenizer))  # cheap checks first, before the build
-    args = ModelArgs.from_preset(size)
-    target = DTYPES.get(dtype or default_dtype())
-    if target is None:
-        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    check_float16(args, target, force_float16)
+    target = compute_dtype(ModelArgs.from_preset(size), dtype, force_float16)
     return synthetic_model(size, dtype=target), tok
 
 
@@ -213,15 +209,21 @@ def quantize_tree(model: Model, quantization: dict, quantized_names: Optional[se
     nn.quantize(model, class_predicate=predicate, **defaults)
 
 
+def compute_dtype(args: ModelArgs, dtype: Optional[str], force_float16: bool) -> mx.Dtype:
+    """The dtype to compute in: `dtype` by name, else `default_dtype()`; float16 checked for overflow."""
+    target = DTYPES.get(dtype or default_dtype(quantized=bool(args.quantization)))
+    if target is None:
+        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_float16(args, target, force_float16)
+    return target
+
+
 def load_model(model_dir: Path, *, dtype: Optional[str] = None, force_float16: bool = False,
                args: Optional[ModelArgs] = None) -> Model:
     """Build the model from config.json (or `args`, already read from it) and load its weights
     strictly (names, shapes, nothing missing)."""
     args = args or read_config(model_dir)
-    target = DTYPES.get(dtype or default_dtype(quantized=bool(args.quantization)))
-    if target is None:
-        raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    check_float16(args, target, force_float16)
+    target = compute_dtype(args, dtype, force_float16)
     weights = read_weights(model_dir)
     model = Model(args)
     if args.quantization:
