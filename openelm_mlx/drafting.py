@@ -11,13 +11,15 @@ target's own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 import mlx.core as mx
 
 from .cache import KVCache, make_cache
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, LoadError
 from .model import Model
 from .sampling import filter_logits, make_repetition_penalty
 
@@ -25,6 +27,9 @@ from .sampling import filter_logits, make_repetition_penalty
 PROMPT_LOOKUP_NGRAM = 3
 # Draft-model prompt tokens per forward pass when it catches up with the sequence.
 DRAFT_PREFILL_STEP = 512
+# The smallest OpenELM drafts for the larger ones of the same variant (base or Instruct).
+AUTO_DRAFT_SIZE = "270M"
+_OPENELM_NAME = re.compile(r"OpenELM-(270M|450M|1_1B|3B)(-Instruct)?")
 
 
 @dataclass(frozen=True)
@@ -126,12 +131,15 @@ class DraftModel:
             self.model.hidden(mx.array([chunk]), self.cache)
             mx.eval([layer_cache.state for layer_cache in self.cache])
         feed = feed[-1:] if len(feed) > 1 else feed
-        drafts: List[int] = []
+        inputs = mx.array([feed])
+        drafted: List[mx.array] = []  # [1] each; read once at the end unless the penalty needs them
         distributions = []
+        penalised = scoring.repetition_penalty != 1.0
         for _ in range(k):
-            hidden = self.model.hidden(mx.array([feed]), self.cache)
+            hidden = self.model.hidden(inputs, self.cache)
             logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)
-            logits = scoring.penalise(logits, [ids + drafts])
+            if penalised:
+                logits = scoring.penalise(logits, [ids + [int(t.item()) for t in drafted]])
             if scoring.greedy:
                 token = mx.argmax(logits, axis=-1)
             else:
@@ -141,8 +149,10 @@ class DraftModel:
                     key, sub = mx.random.split(key)
                 token = mx.random.categorical(mx.log(q), key=sub)
                 distributions.append(q[0])
-            drafts.append(int(token.item()))
-            feed = drafts[-1:]
+            drafted.append(token)
+            inputs = token[:, None]
+            mx.async_eval(token)
+        drafts = mx.concatenate(drafted).tolist() if drafted else []
         self.tokens = ids + drafts[:-1]  # the last draft was never fed
         return drafts, (mx.stack(distributions) if distributions else None)
 
@@ -194,3 +204,34 @@ def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: Sequence[int],
     accepted, draws = accepted.tolist(), draws.tolist()
     n = next((i for i, ok in enumerate(accepted) if not ok), k)
     return n, draws[n]
+
+
+def auto_draft_source(target: str) -> str:
+    """Where `--draft-model auto` finds the draft for `target` (an apple/OpenELM-* repo id or a directory
+    named like one): the 270M of the same variant (Instruct for Instruct), as a sibling directory of a
+    local target, else from the Hugging Face cache. Never downloads; a clear error when it is missing."""
+    name = Path(target.rstrip("/")).name
+    match = _OPENELM_NAME.fullmatch(name)
+    if match is None:
+        raise InvalidOptionError(
+            f"--draft-model auto works for apple/OpenELM-* models (or directories named like them), not {target}: "
+            "pass --draft-model PATH, or use --prompt-lookup")
+    size, instruct = match.group(1), match.group(2) or ""
+    if size == AUTO_DRAFT_SIZE:
+        raise InvalidOptionError(f"{name} is already the smallest OpenELM: there is no smaller draft for it "
+                                 "(use --prompt-lookup)")
+    draft_name = f"OpenELM-{AUTO_DRAFT_SIZE}{instruct}"
+    local = Path(target).expanduser()
+    if local.is_dir() and (local.parent / draft_name / "config.json").is_file():
+        return str(local.parent / draft_name)
+    repo = f"apple/{draft_name}"
+    from huggingface_hub import snapshot_download  # a slow import, only when needed (as in loading.py)
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", "*.json"],
+                                 local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise LoadError(
+            f"--draft-model auto needs {repo}, which is neither next to {target} nor in the Hugging Face cache: "
+            f"download it once (huggingface-cli download {repo}) or pass --draft-model PATH") from None
