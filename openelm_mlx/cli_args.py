@@ -56,13 +56,11 @@ def add_draft_options(parser: argparse.ArgumentParser) -> None:
     """Speculative decoding: --draft-model or --prompt-lookup, and --num-draft-tokens."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--draft-model", metavar="PATH|REPO|auto",
-                       help="speculative decoding with this smaller OpenELM as the draft (same vocabulary); auto: "
-                            "the 270M of the same variant for an apple/OpenELM-* model, from a sibling directory "
-                            "or the Hugging Face cache. Greedy output is unchanged; sampling keeps its distribution")
+                       help="speculative decoding with a smaller OpenELM as the draft; auto: the 270M of the same "
+                            "variant (apple/OpenELM-* targets). Output as without it")
     which.add_argument("--prompt-lookup", nargs="?", type=int, const=PROMPT_LOOKUP_NGRAM, metavar="N",
-                       help="speculative decoding that drafts by matching the last N tokens (default "
-                            f"{PROMPT_LOOKUP_NGRAM}) against the prompt and the text so far: no second model; pays "
-                            "off when the answer repeats its input")
+                       help=f"speculative decoding that drafts by matching the last N tokens (default "
+                            f"{PROMPT_LOOKUP_NGRAM}) in the prompt and the text so far")
     parser.add_argument("--num-draft-tokens", type=int, default=_DEFAULTS["num_draft_tokens"], metavar="K",
                         help="tokens drafted per verify pass (default %(default)s)")
 
