@@ -142,3 +142,56 @@ def test_auto_refuses_targets_it_has_no_draft_for(target, says):
 
 def test_prompt_lookup_is_exported_for_the_python_api():
     assert om.PromptLookup is PromptLookup and om.DraftModel is DraftModel
+
+
+# ---------------------------------------------------------------------------- serve --draft-model
+
+
+@pytest.fixture(scope="module")
+def draft_server(dirs, lm):
+    from openelm_mlx.openai_api import ServedModel
+    from openelm_mlx.server import OpenAIServer, Worker
+
+    model, tok = lm
+    draft = DraftModel(om.load(dirs["draft"], dtype="float32", tokenizer=tok.path)[0])
+    served = ServedModel("tiny", tok, ZEPHYR, model.args.max_context_length)
+    server = OpenAIServer(Worker(model, tok, draft=draft, num_draft_tokens=3), served, host="127.0.0.1",
+                          port=0).start(with_worker=True)
+    yield server
+    server.close()
+
+
+def post(server, body):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    payload = response.read().decode()
+    conn.close()
+    return response.status, payload
+
+
+def test_the_server_drafts_and_a_greedy_reply_is_unchanged(draft_server, lm):
+    import json
+
+    from openelm_mlx.prompt_format import Message, conversation_ids
+
+    messages = [{"role": "user", "content": "Hello world"}]
+    want = om.generate(*lm, conversation_ids(lm[1], ZEPHYR, [Message("user", "Hello world")]),
+                       GenerationOptions(max_tokens=16)).text
+    for speculative in (True, False):
+        status, payload = post(draft_server, {"messages": messages, "max_tokens": 16, "speculative": speculative})
+        assert status == 200 and json.loads(payload)["choices"][0]["message"]["content"] == want
+        record = draft_server.worker.records[-1]
+        assert (record.drafted_tokens > 0) is speculative
+    status, payload = post(draft_server, {"messages": messages, "max_tokens": 16, "stream": True})
+    deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+              for line in payload.splitlines() if line.startswith("data: {")]
+    assert status == 200 and "".join(deltas) == want and draft_server.worker.records[-1].drafted_tokens > 0
+
+
+def test_the_server_refuses_a_speculative_flag_that_is_not_a_boolean(draft_server):
+    status, payload = post(draft_server, {"messages": [{"role": "user", "content": "Hi"}], "speculative": "no"})
+    assert status == 400 and "'speculative' must be a boolean" in payload
