@@ -36,14 +36,15 @@ _OPENELM_NAME = re.compile(r"OpenELM-(270M|450M|1_1B|3B)(-Instruct)?")
 class Scoring:
     """How the logits at a position become the next token's distribution: the repetition penalty over
     that position's own window, then temperature and the top-k / top-p / min-p filters. The target and
-    a draft model score with the same instance, so p and q are comparable."""
+    a draft model score with the same instance, so p and q are comparable. Made by
+    `GenerationOptions.scoring()`, where the defaults live."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    repetition_context_size: int
 
     @property
     def greedy(self) -> bool:

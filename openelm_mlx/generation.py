@@ -9,9 +9,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import DEFAULT_KEEP, KVCache, make_cache
+from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
-from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .sampling import make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 

@@ -7,16 +7,14 @@ combinations that are refused."""
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from helpers import random_state_dict, text_only_state, tiny_config, write_hf_checkpoint
+from helpers import noisy_copy, random_state_dict, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
-from openelm_mlx.drafting import DraftModel, PromptLookup
+from openelm_mlx.drafting import DraftModel, PromptLookup, Speculation
 from openelm_mlx.errors import InvalidOptionError
 from openelm_mlx.generation import decode_tokens
-from openelm_mlx.drafting import Speculation
 
 PROMPTS = ["Once upon a time", "Hello world", "The quick brown fox jumps over the quick brown fox",
            "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"]
@@ -31,9 +29,7 @@ def models(tmp_path_factory, spm_model):
     root = tmp_path_factory.mktemp("spec")
     config = tiny_config(tied=False)
     state = text_only_state(config, spm_model)
-    noise = np.random.default_rng(7)
-    noisy = {k: v + 0.15 * np.abs(v).mean() * noise.standard_normal(v.shape).astype(np.float32)
-             for k, v in state.items()}
+    noisy = noisy_copy(state)
     small_config = tiny_config(num_layers=2, model_dim=32, tied=False)
 
     def load(name, cfg, weights):

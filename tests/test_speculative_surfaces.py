@@ -3,20 +3,23 @@ reuse both caches, `--draft-model auto`, and the one-line errors."""
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import sys
 
-import numpy as np
 import pytest
 
-from helpers import random_state_dict, text_only_state, tiny_config, write_hf_checkpoint
+from helpers import noisy_copy, random_state_dict, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.chat import ChatSession
 from openelm_mlx.cli import main
 from openelm_mlx.drafting import DraftModel, PromptLookup, auto_draft_source
 from openelm_mlx.errors import InvalidOptionError, LoadError
-from openelm_mlx.prompt_format import ZEPHYR
+from openelm_mlx.openai_api import ServedModel
+from openelm_mlx.prompt_format import ZEPHYR, Message, conversation_ids
+from openelm_mlx.server import OpenAIServer, Worker
 
 PROMPT = "The quick brown fox jumps over the quick brown fox"
 
@@ -27,9 +30,7 @@ def dirs(tmp_path_factory, spm_model):
     root = tmp_path_factory.mktemp("spec-cli")
     config = tiny_config(tied=False)
     state = text_only_state(config, spm_model)
-    noise = np.random.default_rng(7)
-    noisy = {k: v + 0.15 * np.abs(v).mean() * noise.standard_normal(v.shape).astype(np.float32)
-             for k, v in state.items()}
+    noisy = noisy_copy(state)
     other = tiny_config(vocab_size=400)
     return {
         "target": write_hf_checkpoint(root / "target", config, state, tokenizer=spm_model),
@@ -149,9 +150,6 @@ def test_prompt_lookup_is_exported_for_the_python_api():
 
 @pytest.fixture(scope="module")
 def draft_server(dirs, lm):
-    from openelm_mlx.openai_api import ServedModel
-    from openelm_mlx.server import OpenAIServer, Worker
-
     model, tok = lm
     draft = DraftModel(om.load(dirs["draft"], dtype="float32", tokenizer=tok.path)[0])
     served = ServedModel("tiny", tok, ZEPHYR, model.args.max_context_length)
@@ -162,9 +160,6 @@ def draft_server(dirs, lm):
 
 
 def post(server, body):
-    import http.client
-    import json
-
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -174,10 +169,6 @@ def post(server, body):
 
 
 def test_the_server_drafts_and_a_greedy_reply_is_unchanged(draft_server, lm):
-    import json
-
-    from openelm_mlx.prompt_format import Message, conversation_ids
-
     messages = [{"role": "user", "content": "Hello world"}]
     want = om.generate(*lm, conversation_ids(lm[1], ZEPHYR, [Message("user", "Hello world")]),
                        GenerationOptions(max_tokens=16)).text
