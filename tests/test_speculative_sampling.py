@@ -10,6 +10,7 @@ rejection) must fail the same test.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -69,8 +70,8 @@ def sampled_counts(target, drafter, options: GenerationOptions) -> np.ndarray:
     for seed in range(DRAWS):
         speculation = Speculation(drafter, num_draft_tokens=2)
         cache = om.make_cache(len(target.layers))
-        steps = generation.decode_tokens(target, mx.array([PROMPT]), cache, GenerationOptions(
-            **{**options.__dict__, "seed": seed}), 3, speculation=speculation)
+        steps = generation.decode_tokens(target, mx.array([PROMPT]), cache, replace(options, seed=seed), 3,
+                                         speculation=speculation)
         _, (second,), (third,) = list(steps)
         counts[second, third] += 1
     return counts
@@ -106,7 +107,7 @@ def sampled_acceptance(target, draft, options):
     speculation = Speculation(DraftModel(draft), num_draft_tokens=2)
     for seed in range(50):
         list(generation.decode_tokens(target, mx.array([PROMPT]), om.make_cache(len(target.layers)),
-                                      GenerationOptions(**{**options.__dict__, "seed": seed}), 3,
+                                      replace(options, seed=seed), 3,
                                       speculation=speculation))
     return speculation.acceptance_rate
 
