@@ -17,6 +17,7 @@ _EXPORTS = {
     "BLASWarning": "blas", "use_optimized_blas": "blas",
     "KVCache": "cache", "make_cache": "cache",
     "PRESETS": "config", "ModelArgs": "config",
+    "DraftModel": "drafting", "Drafter": "drafting", "PromptLookup": "drafting",
     "ConfigError": "errors", "ContextLengthError": "errors", "LoadError": "errors", "OpenELMError": "errors",
     "TokenizerNotFoundError": "errors",
     "GenerationOptions": "generation", "GenerationResponse": "generation", "GenerationResult": "generation",

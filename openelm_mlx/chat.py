@@ -8,8 +8,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, TextIO
 
-from .cli_args import (add_model_options, add_sampling_options, context_full_notice, load_from_args,
-                       options_from_args)
+from .cli_args import (add_draft_options, add_model_options, add_sampling_options, context_full_notice,
+                       drafter_from_args, load_from_args, options_from_args, speculation_summary)
+from .drafting import Drafter
 from .errors import ContextLengthError
 from .generation import GenerationOptions, GenerationResponse
 from .model import Model
@@ -47,8 +48,10 @@ class ChatSession:
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, template: ChatTemplate, options: GenerationOptions,
-                 *, system: Optional[str] = None):
+                 *, system: Optional[str] = None, draft: Optional[Drafter] = None):
+        """`draft`: speculative decoding for every reply (a DraftModel keeps its own cache across turns too)."""
         self.model = model
+        self.draft = draft
         self.tokenizer = tokenizer
         self.template = template
         self.options = options
@@ -93,7 +96,8 @@ class ChatSession:
         tokens: List[int] = []
         texts: List[str] = []
         try:
-            for response in self.prompt_cache.generate(self.tokenizer, self.prompt_ids(), self.options, reuse):
+            for response in self.prompt_cache.generate(self.tokenizer, self.prompt_ids(), self.options, reuse,
+                                                       draft=self.draft):
                 if response.token >= 0:
                     tokens.append(response.token)
                 texts.append(response.text)
@@ -172,6 +176,8 @@ def run_repl(session: ChatSession, *, read_line: Callable[[str], str], out: Text
             print(f"[prompt: {stats.prefilled_tokens} tokens prefilled, {stats.cached_tokens} from the cache, "
                   f"{last.prompt_tps:.1f} tokens/s | reply: {last.generation_tokens} tokens, "
                   f"{last.generation_tps:.1f} tokens/s, finish: {last.finish_reason or 'interrupted'}]", file=err)
+            if session.draft is not None:
+                print(f"[{speculation_summary(last)}]", file=err)
 
 
 def _command(session: ChatSession, text: str, out: TextIO, err: TextIO) -> bool:
@@ -203,6 +209,7 @@ def register(subparsers) -> None:
     add_system_prompt_option(parser)
     parser.add_argument("--verbose", action="store_true", help="show prompt and reply statistics after each reply")
     add_sampling_options(parser)
+    add_draft_options(parser)
     parser.set_defaults(run=cmd_chat)
 
 
@@ -210,7 +217,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     options = options_from_args(args)  # validate before the slow load
     template = template_from_args(args)
     model, tokenizer = load_from_args(args)
-    session = ChatSession(model, tokenizer, template, options, system=args.system)
+    session = ChatSession(model, tokenizer, template, options, system=args.system,
+                          draft=drafter_from_args(args, model, tokenizer))
     interactive = sys.stdin.isatty()
     if interactive:
         _enable_line_editing()

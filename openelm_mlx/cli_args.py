@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
-from .generation import GenerationOptions
+from .drafting import PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
+from .generation import GenerationOptions, GenerationResponse
 from .loading import load
 from .model import Model
 from .synthetic import PREFIX as SYNTHETIC_PREFIX
@@ -51,6 +52,40 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         help="keep generating past the 2048-token context by dropping the oldest tokens")
 
 
+def add_draft_options(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding: --draft-model or --prompt-lookup, and --num-draft-tokens."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--draft-model", metavar="PATH|REPO|auto",
+                       help="speculative decoding with a smaller OpenELM as the draft; auto: the 270M of the same "
+                            "variant (apple/OpenELM-* targets). Output as without it")
+    which.add_argument("--prompt-lookup", nargs="?", type=int, const=PROMPT_LOOKUP_NGRAM, metavar="N",
+                       help=f"speculative decoding that drafts by matching the last N tokens (default "
+                            f"{PROMPT_LOOKUP_NGRAM}) in the prompt and the text so far")
+    parser.add_argument("--num-draft-tokens", type=int, default=_DEFAULTS["num_draft_tokens"], metavar="K",
+                        help="tokens drafted per verify pass (default %(default)s)")
+
+
+def drafter_from_args(args: argparse.Namespace, model: Model, tokenizer: Tokenizer) -> Optional[Drafter]:
+    """The drafter --draft-model / --prompt-lookup ask for (None: plain decoding); a draft model is loaded
+    with the target's dtype and tokenizer and checked against the target's vocabulary."""
+    if args.prompt_lookup is not None:
+        return PromptLookup(args.prompt_lookup)
+    if args.draft_model is None:
+        return None
+    source = auto_draft_source(args.model) if args.draft_model == "auto" else args.draft_model
+    draft, _ = load(source, dtype=args.dtype, tokenizer=tokenizer.path, force_float16=args.force_float16)
+    drafter = DraftModel(draft)
+    drafter.check_target(model)
+    return drafter
+
+
+def speculation_summary(response: GenerationResponse) -> str:
+    """One line on a speculative generation: drafted and accepted tokens, tokens per target pass."""
+    passes = response.verify_passes + 1  # the prefill pass gives the first token
+    return (f"speculative: {response.accepted_tokens}/{response.drafted_tokens} drafts accepted "
+            f"({100 * response.acceptance_rate:.0f}%), {response.generation_tokens / passes:.2f} tokens per target pass")
+
+
 def options_from_args(args: argparse.Namespace) -> GenerationOptions:
     """The GenerationOptions the sampling flags ask for (validated by GenerationOptions itself)."""
     return GenerationOptions(
@@ -58,6 +93,7 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         repetition_context_size=args.repetition_context_size, seed=args.seed, stop=tuple(args.stop),
         sliding_window=args.sliding_window,
+        num_draft_tokens=getattr(args, "num_draft_tokens", _DEFAULTS["num_draft_tokens"]),  # not every command drafts
     )
 
 

@@ -12,8 +12,8 @@ import sys
 from . import __version__
 from .bench.cli import register as register_bench
 from .chat import register as register_chat
-from .cli_args import (add_model_options, add_sampling_options, context_full_notice, load_from_args,
-                       options_from_args)
+from .cli_args import (add_draft_options, add_model_options, add_sampling_options, context_full_notice,
+                       drafter_from_args, load_from_args, options_from_args, speculation_summary)
 from .convert.cli import register as register_convert
 from .generation import stream_generate
 from .prompt_format import (RAW, Message, add_system_prompt_option, add_template_options, conversation_ids,
@@ -46,6 +46,7 @@ def _register_generate(subparsers) -> None:
     add_system_prompt_option(gen)
     gen.add_argument("--quiet", action="store_true", help="print no statistics")
     add_sampling_options(gen)
+    add_draft_options(gen)
     gen.set_defaults(run=cmd_generate)
 
 
@@ -55,13 +56,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     template = template_from_args(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_from_args(args)
+    draft = drafter_from_args(args, model, tokenizer)
     if template is RAW and not args.system:
         prompt = text  # plain text, exactly as given
     else:
         system = [Message("system", args.system)] if args.system else []
         prompt = conversation_ids(tokenizer, template, system + [Message("user", text)])
     last = None
-    for last in stream_generate(model, tokenizer, prompt, options):
+    for last in stream_generate(model, tokenizer, prompt, options, draft=draft):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -73,4 +75,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{last.ttft_s * 1000:.0f} ms\ngeneration: {last.generation_tokens} tokens, "
               f"{last.generation_tps:.1f} tokens/s, finish reason: {last.finish_reason}\n"
               f"peak memory: {last.peak_memory_bytes / 1e9:.3f} GB", file=sys.stderr)
+        if draft is not None:
+            print(speculation_summary(last), file=sys.stderr)
     return 0

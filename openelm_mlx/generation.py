@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import DEFAULT_KEEP, KVCache, make_cache
+from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
 from .sampling import make_repetition_penalty, make_sampler
@@ -34,6 +35,10 @@ class GenerationOptions:
     stop: Tuple[str, ...] = ()
     prefill_step: int = 512  # prompt tokens per forward pass
     sliding_window: bool = False  # keep going past the context by dropping old positions
+    # Speculative decoding (with a `draft`): tokens drafted per verify round. 2: with docs-target and
+    # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
+    # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
+    num_draft_tokens: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,10 +60,17 @@ class GenerationOptions:
                                    and 0 <= self.seed < SEED_LIMIT),
              f"seed must be an integer from 0 to {SEED_LIMIT - 1}", self.seed),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
+            (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens > 0,
+             "num_draft_tokens must be a positive integer", self.num_draft_tokens),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise InvalidOptionError(f"{message}, got {value!r}")
+
+    def scoring(self) -> Scoring:
+        """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
+        return Scoring(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                       self.repetition_context_size)
 
 
 @dataclass
@@ -76,6 +88,17 @@ class GenerationResponse:
     generation_tps: float = 0.0
     ttft_s: float = 0.0
     peak_memory_bytes: int = 0
+    # Speculative decoding: whether this token was a draft the target accepted, and (running totals)
+    # the drafted and accepted tokens and the target's verify passes.
+    from_draft: bool = False
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_passes: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens so far (0 without speculative decoding)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 @dataclass
@@ -163,16 +186,24 @@ def cache_window(model: Model, options: GenerationOptions) -> Optional[int]:
 
 
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
-                  limit: int, *, history: Optional[mx.array] = None) -> Iterator[List[int]]:
+                  limit: int, *, history: Optional[mx.array] = None,
+                  speculation: Optional[Speculation] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
     `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
     the last repetition_context_size ids of history, `ids` and the generated tokens together.
     Step n+1 is queued with async_eval before step n is read, so the device never waits for Python.
+    With `speculation` (B = 1), every token after the first comes from a verify round: the drafter
+    proposes, the target scores the last token and the drafts in one pass, the rejected positions are
+    trimmed, and the accepted drafts plus one target token are yielded one by one (the counters in
+    `speculation` say whether each came from the draft). The drafter sees history + ids + generated.
     However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
     yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
     and what it held before if it failed before the first token.
     """
+    if speculation is not None and ids.shape[0] != 1:
+        raise InvalidOptionError("speculative decoding works on one sequence at a time, not on a batch")
+    scoring = options.scoring()
     sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
     penalty = (make_repetition_penalty(options.repetition_penalty, options.repetition_context_size)
                if options.repetition_penalty != 1.0 else None)
@@ -212,6 +243,22 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
         token = step(ids[:, prompt_len - last_chunk:])
         mx.async_eval(token)
         prefilled = True
+        if speculation is not None:
+            sequence = ([] if history is None else history[0].tolist()) + ids[0].tolist()
+            pending, from_draft = [token.item()], 0  # to yield; how many at its front are accepted drafts
+            while True:
+                for i, pending_token in enumerate(pending):
+                    speculation.last_from_draft = i < from_draft
+                    delivered += 1
+                    yield [pending_token]
+                    if delivered == limit:
+                        return
+                sequence += pending
+                round_key = None
+                if key is not None:
+                    key, round_key = mx.random.split(key)
+                pending, from_draft = _verify_round(model, cache, sequence, scoring, speculation,
+                                                    limit - delivered, round_key)
         for n in range(1, limit + 1):
             if n < limit:
                 next_token = step(token[:, None])
@@ -227,10 +274,42 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
             layer_cache.trim(layer_cache.offset - held)
 
 
+def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scoring: Scoring,
+                  speculation: Speculation, remaining: int, key: Optional[mx.array]) -> Tuple[List[int], int]:
+    """One speculative round after `sequence` (the cache holds all of it but the last id): draft, score
+    the last id and the drafts in one target pass, keep what the target agrees with and trim the rest.
+    Returns (the tokens to emit: accepted drafts, then one target token; how many drafts are among them).
+    Never more than `remaining` tokens."""
+    draft_key = None
+    if key is not None:
+        key, draft_key = mx.random.split(key)
+    k = min(speculation.num_draft_tokens, remaining - 1)
+    drafts, q = speculation.drafter.propose(sequence, k, scoring, draft_key) if k > 0 else ([], None)
+    drafts = [int(t) for t in drafts[:k]]
+    if q is not None:
+        q = q[:len(drafts)]
+    hidden = model.hidden(mx.array([sequence[-1:] + drafts]), cache)
+    logits = model.logits(hidden[0]).astype(mx.float32)  # [k + 1, V]: after the last id and each draft
+    logits = scoring.penalise(logits, [sequence + drafts[:j] for j in range(len(drafts) + 1)])
+    if scoring.greedy:
+        targets = mx.argmax(logits, axis=-1).tolist()
+        accepted = next((j for j, d in enumerate(drafts) if d != targets[j]), len(drafts))
+        follow = targets[accepted]
+    else:
+        accepted, follow = accept_drafts(scoring.probabilities(logits), q, drafts, key)
+    for layer_cache in cache:  # the rejected drafts leave the cache; the accepted ones stay
+        layer_cache.trim(len(drafts) - accepted)
+    speculation.drafted += len(drafts)
+    speculation.accepted += accepted
+    speculation.target_passes += 1
+    return drafts[:accepted] + [follow], accepted
+
+
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
                     options: Optional[GenerationOptions] = None, *,
                     cache: Optional[List[KVCache]] = None, context_ids: Sequence[int] = (),
-                    continues_text: bool = False) -> Iterator[GenerationResponse]:
+                    continues_text: bool = False,
+                    draft: Optional[Union[Model, Drafter]] = None) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS, or token ids), one response per token.
 
     Text segments concatenate to the decoded completion without stop strings or EOS; with
@@ -240,8 +319,15 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     However generation ends (EOS, stop string, length, a full context, the caller closing or dropping
     the iterator, an exception), the cache then holds the prompt and every generated token but the
     last: a follow-up prompt starts with that last token. With max_tokens 0 it holds the prompt.
+
+    `draft` turns on speculative decoding: a draft `Model` (same vocabulary), a `DraftModel` (keeps its
+    cache between calls), `PromptLookup()` or any `Drafter`. Greedy output is unchanged token for token
+    and sampling keeps the target's distribution; each response says whether its token was an accepted
+    draft (`from_draft`) and carries the running drafted / accepted counts. A draft model drafts from
+    `context_ids` + prompt + generated, so pass all the ids the cache holds.
     """
     options = options or GenerationOptions()
+    speculation = _speculation(model, draft, options)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -251,16 +337,20 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     max_size = cache_window(model, options)
     if cache is None:
         cache = make_cache(len(model.layers), max_size=max_size)
-    recent = list(context_ids)[-options.repetition_context_size:]
+    # The penalty needs only the last ids; a drafter looks at all of them.
+    recent = list(context_ids)[-options.repetition_context_size:] if speculation is None else list(context_ids)
     history = mx.array([recent]) if recent else None
     completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
-    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history)
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation)
     try:
         for n, (token,) in enumerate(tokens, 1):
+            if speculation is not None:
+                stats.drafted_tokens, stats.accepted_tokens = speculation.drafted, speculation.accepted
+                stats.verify_passes = speculation.target_passes
             now = time.perf_counter()
             if n == 1:
                 first_at = now
@@ -276,7 +366,8 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             if finish:
                 tokens.close()  # settles the cache before the caller sees the last response
             yield replace(stats, text=text, token=token, finish_reason=finish,
-                          context_full=finish == "length" and context_full)
+                          context_full=finish == "length" and context_full,
+                          from_draft=speculation is not None and speculation.last_from_draft)
             if finish:
                 return
         if limit == 0:
@@ -285,12 +376,29 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
         tokens.close()
 
 
+def _speculation(model: Model, draft: Optional[Union[Model, Drafter]],
+                 options: GenerationOptions) -> Optional[Speculation]:
+    """The Speculation for `draft` (None: plain decoding); a draft model is checked against the target."""
+    if draft is None:
+        return None
+    if options.sliding_window:
+        # A verify pass of k + 1 positions fills the window at another moment than single steps do, so
+        # different positions would be dropped and the output would differ from plain decoding.
+        raise InvalidOptionError("speculative decoding cannot be combined with the sliding window: turn one off")
+    drafter = DraftModel(draft) if isinstance(draft, Model) else draft
+    if isinstance(drafter, DraftModel):
+        drafter.check_target(model)
+    return Speculation(drafter, options.num_draft_tokens)
+
+
 def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
              options: Optional[GenerationOptions] = None, *,
-             cache: Optional[List[KVCache]] = None, context_ids: Sequence[int] = ()) -> GenerationResult:
+             cache: Optional[List[KVCache]] = None, context_ids: Sequence[int] = (),
+             draft: Optional[Union[Model, Drafter]] = None) -> GenerationResult:
     """Generate a whole completion; see `stream_generate`."""
     text, tokens, last = [], [], None
-    for last in stream_generate(model, tokenizer, prompt, options, cache=cache, context_ids=context_ids):
+    for last in stream_generate(model, tokenizer, prompt, options, cache=cache, context_ids=context_ids,
+                                draft=draft):
         text.append(last.text)
         if last.token >= 0:
             tokens.append(last.token)

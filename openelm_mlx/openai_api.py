@@ -51,6 +51,7 @@ class ParsedRequest:
     options: GenerationOptions
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
+    speculative: bool = True  # false: no speculative decoding for this request (serve --draft-model)
 
 
 def parse_request(kind: str, body: bytes, served: ServedModel) -> ParsedRequest:
@@ -87,7 +88,7 @@ def parse_request(kind: str, body: bytes, served: ServedModel) -> ParsedRequest:
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise APIError(400, "stream_options.include_usage must be a boolean", param="stream_options")
-    return ParsedRequest(kind, ids, options, stream, include_usage)
+    return ParsedRequest(kind, ids, options, stream, include_usage, _field(data, "speculative", bool, True))
 
 
 def _field(data: dict, name: str, kind: type, default: Any) -> Any:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 from .cache import KVCache, make_cache
+from .drafting import Drafter
 from .generation import GenerationOptions, GenerationResponse, cache_window, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
@@ -55,9 +56,10 @@ class PromptCache:
         self.tokens = (self.tokens + list(fed))[:held]
 
     def generate(self, tokenizer: Tokenizer, prompt: Sequence[int], options: GenerationOptions,
-                 stats: Optional["ReuseStats"] = None, *,
-                 continues_text: bool = False) -> Iterator[GenerationResponse]:
-        """`stream_generate` for the whole `prompt`, prefilling only what the cache does not hold.
+                 stats: Optional["ReuseStats"] = None, *, continues_text: bool = False,
+                 draft: Optional[Drafter] = None) -> Iterator[GenerationResponse]:
+        """`stream_generate` for the whole `prompt`, prefilling only what the cache does not hold
+        (with `draft`, speculatively: the drafter sees every id the cache holds).
 
         Stop consuming (or close the iterator) at any time: the cache stays consistent.
         """
@@ -69,7 +71,7 @@ class PromptCache:
             stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
         generated: List[int] = []
         responses = stream_generate(self.model, tokenizer, new, options, cache=self.cache, context_ids=self.tokens,
-                                    continues_text=continues_text)
+                                    continues_text=continues_text, draft=draft)
         try:
             for response in responses:
                 if response.token >= 0:

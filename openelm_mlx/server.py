@@ -18,14 +18,16 @@ import selectors
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Deque, Optional, TextIO
 
 import mlx.core as mx
 
-from .cli_args import add_model_options, load_from_args
+from .cli_args import add_draft_options, add_model_options, drafter_from_args, load_from_args
+from .drafting import Drafter
 from .errors import OpenELMError
+from .generation import GenerationOptions, GenerationResponse
 from .model import Model
 from .openai_api import (CHAT, COMPLETION, APIError, ParsedRequest, ServedModel, chunk_body, models_body, new_id,
                          now, parse_request, response_body, usage_body)
@@ -62,13 +64,20 @@ class JobRecord:
     generated_tokens: int
     finish_reason: str  # "stop", "length", "cancelled" or "error"
     cached_tokens: int
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Worker:
     """Owns the model: runs queued jobs one at a time, in the thread that calls `run`."""
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE):
+    def __init__(self, model: Model, tokenizer: Tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 draft: Optional[Drafter] = None, num_draft_tokens: Optional[int] = None):
+        """`draft`: speculative decoding for every request that does not opt out ("speculative": false),
+        drafting `num_draft_tokens` per pass (None: GenerationOptions' default)."""
         self.tokenizer = tokenizer
+        self.draft = draft
+        self.num_draft_tokens = num_draft_tokens
         self.prompt_cache = PromptCache(model)
         self.jobs: "queue.Queue" = queue.Queue(maxsize=queue_size)
         self.records: Deque[JobRecord] = collections.deque(maxlen=1000)
@@ -103,15 +112,19 @@ class Worker:
                 continue
 
     def _run_job(self, job: Job) -> None:
-        generated, finish = 0, "cancelled"
+        finish, last = "cancelled", None
         try:
             if job.cancelled.is_set():
                 return
-            responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, job.request.options,
-                                                   job.reuse, continues_text=self._continues_text(job.request))
+            draft = self.draft if job.request.speculative else None
+            options = job.request.options
+            if draft is not None and self.num_draft_tokens is not None:
+                options = replace(options, num_draft_tokens=self.num_draft_tokens)
+            responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, options, job.reuse,
+                                                   continues_text=self._continues_text(job.request), draft=draft)
             try:
                 for response in responses:
-                    generated = response.generation_tokens
+                    last = response
                     job.events.put(response)
                     finish = response.finish_reason or finish
                     if job.cancelled.is_set() and not response.finish_reason:
@@ -123,7 +136,9 @@ class Worker:
             job.events.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
         finally:
             job.events.put(_DONE)
-            self.records.append(JobRecord(generated, finish, job.reuse.cached_tokens))
+            last = last or GenerationResponse(text="", token=-1)
+            self.records.append(JobRecord(last.generation_tokens, finish, job.reuse.cached_tokens,
+                                          last.drafted_tokens, last.accepted_tokens))
 
     def _continues_text(self, request: ParsedRequest) -> bool:
         """Whether a completion's first word keeps its space. decode() drops it at the start of a text,
@@ -345,6 +360,7 @@ def register(subparsers) -> None:
     parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                         help="requests that may wait behind the running one; more get 503 (default %(default)s)")
     parser.add_argument("--model-id", help="the model's name in the API (default: the --model argument)")
+    add_draft_options(parser)
     parser.set_defaults(run=cmd_serve)
 
 
@@ -366,10 +382,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise OpenELMError(f"--queue-size must be at least 1, got {args.queue_size}")
     check_listen_address(args.host, args.port)  # before the slow load
     template = template_from_args(args)
+    GenerationOptions(num_draft_tokens=args.num_draft_tokens)  # validates it before the slow load
     model, tokenizer = load_from_args(args)
+    draft = drafter_from_args(args, model, tokenizer)
     served = ServedModel(args.model_id or args.model, tokenizer, template, model.args.max_context_length)
+    worker = Worker(model, tokenizer, queue_size=args.queue_size, draft=draft, num_draft_tokens=args.num_draft_tokens)
     try:
-        server = OpenAIServer(Worker(model, tokenizer, queue_size=args.queue_size), served, host=args.host,
+        server = OpenAIServer(worker, served, host=args.host,
                               port=args.port, api_key=args.api_key, log=sys.stderr)
     except OSError as e:
         flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"

@@ -114,6 +114,13 @@ def text_only_state(config: dict, tokenizer_path: Path, seed: int = 0) -> Dict[s
     return state
 
 
+def noisy_copy(state: Dict[str, np.ndarray], scale: float = 0.15, seed: int = 7) -> Dict[str, np.ndarray]:
+    """`state` plus Gaussian noise of `scale` x each tensor's mean magnitude: a draft model that agrees
+    with the original often, not always."""
+    rng = np.random.default_rng(seed)
+    return {k: v + scale * np.abs(v).mean() * rng.standard_normal(v.shape).astype(np.float32) for k, v in state.items()}
+
+
 def write_hf_checkpoint(directory: Path, config: dict, state: Dict[str, np.ndarray], *,
                         dtype: str = "float32", shards: int = 1, tokenizer: Optional[Path] = None) -> Path:
     """Write config.json and safetensors as Apple's save_pretrained does (torch tensors, optional shards)."""
