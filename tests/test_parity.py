@@ -127,11 +127,9 @@ def test_float32_verify_pass_matches_reference(case, monkeypatch, blas, new_toke
     assert diff <= F32_TOL, f"{name}: max |logit diff| {diff:.3g} > {F32_TOL}"
 
 
-def test_short_causal_cpu_attention_avoids_the_slow_fused_op(case, monkeypatch):
-    """MLX's CPU SDPA is ~9x slower than the same math for a few causal queries: a verify-sized pass
-    (up to model.MATMUL_ATTENTION_MAX_QUERIES tokens) must not call it, a longer prefill still does."""
-    from openelm_mlx import model as model_module
-
+def test_causal_cpu_attention_avoids_the_slow_fused_op(case, monkeypatch):
+    """MLX's CPU SDPA is ~9x slower than the same math for a few causal queries and covers the whole
+    square for a long prefill: causal CPU passes of any length must not call it."""
     name, config, state, directory, ids, ref = case
     model = load_model(directory, dtype="float32")
     calls = []
@@ -143,10 +141,27 @@ def test_short_causal_cpu_attention_avoids_the_slow_fused_op(case, monkeypatch):
 
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
     with mx.stream(mx.cpu):
-        mx.eval(model(mx.array(ids[:, :model_module.MATMUL_ATTENTION_MAX_QUERIES])))
-        assert calls == []
-        mx.eval(model(mx.array(ids[:, :model_module.MATMUL_ATTENTION_MAX_QUERIES + 1])))
-    assert calls == [model_module.MATMUL_ATTENTION_MAX_QUERIES + 1] * len(model.layers)
+        mx.eval(model(mx.array(ids[:, :4])), model(mx.array(ids)))
+    assert calls == []
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunked_causal_attention_matches_reference(case, monkeypatch, chunk):
+    """Query chunks (uneven last one), each over only the keys it may see, on a fresh prompt and on a
+    filled cache, give the reference logits at every position."""
+    from openelm_mlx import model as model_module
+    from openelm_mlx.cache import make_cache
+
+    name, config, state, directory, ids, ref = case
+    monkeypatch.setattr(model_module, "ATTENTION_QUERY_CHUNK", chunk)
+    model = load_model(directory, dtype="float32")
+    fresh = np.array(model(mx.array(ids)))
+    cache = make_cache(len(model.layers))
+    cached = np.concatenate([np.array(model(mx.array(ids[:, :5]), cache)),
+                             np.array(model(mx.array(ids[:, 5:]), cache))], axis=1)
+    for logits in (fresh, cached):
+        diff = float(np.abs(logits - ref).max())
+        assert diff <= F32_TOL, f"{name}: chunk {chunk}: max |logit diff| {diff:.3g} > {F32_TOL}"
 
 
 @pytest.mark.parametrize("base", [100.0, 500000.0])
