@@ -7,10 +7,11 @@ uses the others: measured on this project's 2-core EPYC, a 5120x1280 bfloat16 ma
 6.0 to 3.0 ms. Every output element is still one dot product over the same inputs, so results do
 not change. Not used on GPUs, nor for float32 with MKL or OpenBLAS (already multithreaded).
 
-With MKL, `x @ W.T` for a few rows of x (a verify pass, a prefill) runs well below the speed of
+With MKL, `x @ W.T` for several rows of x (a verify pass, a prefill) runs well below the speed of
 `(W @ x.T).T`, the same dot products with the roles of the operands swapped: measured on this
-project's 2-core machine, 8 rows through a 6144x1280 float32 weight 20 vs 11 ms, 32 rows 35 vs
-14 ms, 512 rows 230 vs 193 ms. One row (a decode step) is left as it is: the two tie.
+project's 2-core machine while it was shared (medians; absolute times varied 2x between runs, the
+ranking did not), 8 rows through a 6144x1280 float32 weight 20 vs 11 ms, 32 rows 35 vs 14 ms, 512
+rows 230 vs 193 ms. One row (a decode step) keeps `x @ W.T`. OpenBLAS was not measured.
 """
 
 from __future__ import annotations
