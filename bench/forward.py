@@ -25,11 +25,11 @@ DEFAULT_PREFILL = (64, 128, 512)
 DEFAULT_VERIFY = (2, 3, 4, 8, 16)
 DEFAULT_CONTEXT = 64
 
-
+Workloads = Dict[str, Dict[int, Callable[[], None]]]  # "prefill" / "verify" -> token count -> one run
 Timings = Dict[str, Dict[int, float]]  # "prefill" / "verify" -> token count -> median ms
 
 
-def measure_interleaved(workloads: Dict[str, Dict[str, Dict[int, Callable[[], None]]]], repeats: int) -> Dict[str, Timings]:
+def measure_interleaved(workloads: Dict[str, Workloads], repeats: int) -> Dict[str, Timings]:
     """Median ms of every workload; implementations alternate within each repeat (a shared machine's
     load then hits them alike). One uncounted warm-up call each."""
     samples: Dict[tuple, List[float]] = {}
@@ -49,7 +49,7 @@ def measure_interleaved(workloads: Dict[str, Dict[str, Dict[int, Callable[[], No
                    for kind, runs in first.items()} for impl in workloads}
 
 
-def mlx_workloads(model, prefill: Sequence[int], verify: Sequence[int], context: int) -> Dict[str, Dict[int, Callable[[], None]]]:
+def mlx_workloads(model, prefill: Sequence[int], verify: Sequence[int], context: int) -> Workloads:
     """Callables: a fresh prefill per length; a forward of n new tokens on a `context`-token cache,
     trimmed back afterwards (n = 1 is the decode step the others are compared with)."""
     import mlx.core as mx
@@ -79,7 +79,7 @@ def mlx_workloads(model, prefill: Sequence[int], verify: Sequence[int], context:
             "verify": {n: forward_then_trim(prompt(n)) for n in (1, *verify)}}
 
 
-def torch_workloads(model, prefill: Sequence[int], verify: Sequence[int], context: int) -> Dict[str, Dict[int, Callable[[], None]]]:
+def torch_workloads(model, prefill: Sequence[int], verify: Sequence[int], context: int) -> Workloads:
     """The same workloads for a minimal PyTorch forward on the MLX model's weights (float32)."""
     import numpy as np
     import torch
@@ -115,7 +115,8 @@ def torch_workloads(model, prefill: Sequence[int], verify: Sequence[int], contex
 
 
 class _TorchOpenELM:
-    """OpenELM's forward (spec section 1) in float32 PyTorch with a concatenating KV cache."""
+    """OpenELM's forward (spec section 1) in float32 PyTorch with a concatenating KV cache; tied output
+    layer and q/k norms, as in every released size. `cache` is a list of (keys, values) per layer."""
 
     def __init__(self, args, weights):
         self.args, self.w = args, weights
