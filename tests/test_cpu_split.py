@@ -43,3 +43,17 @@ def test_model_logits_unchanged_by_splitting(two_splits, monkeypatch):
     split = model(ids)
     assert len(calls) == 4 * len(model.layers) + 1  # qkv, out, proj_1, proj_2 per layer, and the tied logits
     assert mx.array_equal(split, whole).item()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17])
+def test_multithreaded_blas_orientation_keeps_the_result(monkeypatch, tokens):
+    """With a multithreaded BLAS, several rows go through `(W @ x.T).T`: the same dot products, so
+    the same values up to float32 summation order; shape and dtype unchanged; one row exactly as before."""
+    monkeypatch.setattr(cpu_split, "_single_threaded", lambda device_type, dtype: False)
+    w = mx.random.normal((97, 64), key=mx.random.key(0))
+    x = mx.random.normal((2, tokens, 64), key=mx.random.key(1))
+    out = cpu_split.matmul_t(x, w)
+    assert out.shape == (2, tokens, 97) and out.dtype == mx.float32
+    assert mx.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5).item()
+    if tokens == 1:
+        assert mx.array_equal(out, x @ w.T).item()

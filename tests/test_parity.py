@@ -106,6 +106,64 @@ def test_bfloat16_matches_reference(case):
     assert agree >= 0.75, f"{name}: bf16 argmax agrees at only {agree:.0%} of positions"
 
 
+@pytest.mark.parametrize("blas", ["reference", "multithreaded"])
+@pytest.mark.parametrize("new_tokens", [2, 4, 8])
+def test_float32_verify_pass_matches_reference(case, monkeypatch, blas, new_tokens):
+    """A multi-token forward on a filled cache (a speculative verify pass: the CPU takes the grouped-matmul
+    attention path, and with a multithreaded BLAS the swapped matmul orientation) matches the reference
+    at every new position."""
+    from openelm_mlx import cpu_split
+    from openelm_mlx.cache import make_cache
+
+    name, config, state, directory, ids, ref = case
+    if blas == "multithreaded":  # as with MKL or OpenBLAS loaded, which the suite does not load
+        monkeypatch.setattr(cpu_split, "_single_threaded", lambda device_type, dtype: False)
+    model = load_model(directory, dtype="float32")
+    cache = make_cache(len(model.layers))
+    mx.eval(model(mx.array(ids[:, :9]), cache))
+    logits = np.array(model(mx.array(ids[:, 9:9 + new_tokens]), cache))
+    diff = float(np.abs(logits - ref[:, 9:9 + new_tokens]).max())
+    _record("float32 verify pass vs reference", f"{name} {new_tokens} tokens {blas} BLAS", max_abs_diff=diff)
+    assert diff <= F32_TOL, f"{name}: max |logit diff| {diff:.3g} > {F32_TOL}"
+
+
+def test_causal_cpu_attention_avoids_the_slow_fused_op(case, monkeypatch):
+    """MLX's CPU SDPA is ~9x slower than the same math for a few causal queries and covers the whole
+    square for a long prefill: causal CPU passes of any length must not call it."""
+    name, config, state, directory, ids, ref = case
+    model = load_model(directory, dtype="float32")
+    calls = []
+    fused = mx.fast.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    with mx.stream(mx.cpu):
+        mx.eval(model(mx.array(ids[:, :4])), model(mx.array(ids)))
+    assert calls == []
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunked_causal_attention_matches_reference(case, monkeypatch, chunk):
+    """Query chunks (uneven last one), each over only the keys it may see, on a fresh prompt and on a
+    filled cache, give the reference logits at every position."""
+    from openelm_mlx import model as model_module
+    from openelm_mlx.cache import make_cache
+
+    name, config, state, directory, ids, ref = case
+    monkeypatch.setattr(model_module, "ATTENTION_QUERY_CHUNK", chunk)
+    model = load_model(directory, dtype="float32")
+    fresh = np.array(model(mx.array(ids)))
+    cache = make_cache(len(model.layers))
+    cached = np.concatenate([np.array(model(mx.array(ids[:, :5]), cache)),
+                             np.array(model(mx.array(ids[:, 5:]), cache))], axis=1)
+    for logits in (fresh, cached):
+        diff = float(np.abs(logits - ref).max())
+        assert diff <= F32_TOL, f"{name}: chunk {chunk}: max |logit diff| {diff:.3g} > {F32_TOL}"
+
+
 @pytest.mark.parametrize("base", [100.0, 500000.0])
 def test_rope_base_comes_from_the_config(tmp_path, base):
     """A non-default rope_freq_constant reaches RoPE: the reference with base 10000 differs by far more
