@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
@@ -132,12 +132,13 @@ def ours(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
     return Implementation(OURS, compute, model, lambda: make_cache(len(model.layers)), tokens)
 
 
-def ours_speculative(checkpoint: Checkpoint, dtype: Optional[str], draft: Optional[Checkpoint],
-                     prompt_lookup: Optional[int], num_draft_tokens: int) -> Implementation:
-    """Our `decode_tokens` loop decoding speculatively: with `draft`'s model (in our compute dtype) or,
-    when `draft` is None, prompt lookup with n-grams up to `prompt_lookup`. Each trial starts a fresh
-    drafter (a draft model's cache would otherwise already hold the repeated prompt)."""
-    impl = ours(checkpoint, dtype)
+def ours_speculative(plain: Implementation, draft: Optional[Checkpoint], prompt_lookup: Optional[int],
+                     num_draft_tokens: int) -> Implementation:
+    """Our `decode_tokens` loop decoding speculatively with `plain`'s model (shared, not a copy): drafting
+    with `draft`'s model (in the same compute dtype) or, when `draft` is None, prompt lookup with n-grams
+    up to `prompt_lookup`. Each trial starts a fresh drafter (a draft model's cache would otherwise
+    already hold the repeated prompt)."""
+    impl = replace(plain)
     options = GenerationOptions(num_draft_tokens=num_draft_tokens)
     if draft is not None:
         draft_model = build_model(draft, DTYPES[impl.compute_dtype])
@@ -158,13 +159,13 @@ def ours_speculative(checkpoint: Checkpoint, dtype: Optional[str], draft: Option
     return impl
 
 
-def mlx_lm_speculative(checkpoint: Checkpoint, dtype: Optional[str], draft: Checkpoint,
-                       num_draft_tokens: int) -> Implementation:
-    """mlx-lm's `speculative_generate_step` with its own OpenELM model of `draft` as the draft."""
+def mlx_lm_speculative(plain: Implementation, draft: Checkpoint, num_draft_tokens: int) -> Implementation:
+    """mlx-lm's `speculative_generate_step` on `plain`'s model (shared), with its own OpenELM model of
+    `draft` (in the same compute dtype) as the draft."""
     from mlx_lm.generate import speculative_generate_step
     from mlx_lm.models.cache import make_prompt_cache
 
-    impl = mlx_lm(checkpoint, dtype)
+    impl = replace(plain)
     draft_model = build_mlx_lm_model(draft, DTYPES[impl.compute_dtype])
 
     def tokens(prompt, gen_tokens, cache):
@@ -262,11 +263,11 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
     speculative = draft is not None or settings.prompt_lookup is not None
     impls = [ours(checkpoint, dtype)]
     if speculative:
-        impls.append(ours_speculative(checkpoint, dtype, draft, settings.prompt_lookup, k))
+        impls.append(ours_speculative(impls[0], draft, settings.prompt_lookup, k))
     if settings.vs_mlx_lm:
         impls.append(mlx_lm(checkpoint, dtype))
         if draft is not None:
-            impls.append(mlx_lm_speculative(checkpoint, dtype, draft, k))
+            impls.append(mlx_lm_speculative(impls[-1], draft, k))
     results = [Measurement(impl=i.name, checkpoint=checkpoint, compute_dtype=i.compute_dtype, requested_dtype=dtype,
                            prompt_tokens=len(prompt), gen_tokens=settings.gen_tokens,
                            weight_bytes=parameter_bytes(i.model), drafter=i.drafter,
