@@ -11,6 +11,8 @@ from ..errors import OpenELMError
 from .runner import MLX_LM, OURS, SPECULATIVE, Measurement
 from .system import SystemInfo
 
+PLAIN_PAIR = f"{OURS}/{MLX_LM}"  # the `impl` of the plain-decode ratio record
+
 
 def record(m: Measurement, system: SystemInfo) -> Dict:
     """The JSON object of one measurement: medians, min/max over trials, and what ran it."""
@@ -122,7 +124,8 @@ def table(rows: Sequence[Dict], system: SystemInfo) -> str:
         lines.append("")
         for r in ratios:
             lines.append(
-                f"{r['config']}: {r['impl']}, ours {r['dtype']} vs mlx-lm {r['mlx_lm_dtype']}: decode x{_num(r['decode_ratio'])} "
+                f"{r['config']}: {'' if r['impl'] == PLAIN_PAIR else 'speculative, '}"
+                f"ours {r['dtype']} vs mlx-lm {r['mlx_lm_dtype']}: decode x{_num(r['decode_ratio'])} "
                 f"[{_num(r['decode_ratio_min'])}-{_num(r['decode_ratio_max'])}], prefill x{_num(r['prefill_ratio'])} "
                 f"[{_num(r['prefill_ratio_min'])}-{_num(r['prefill_ratio_max'])}]"
                 + ("" if r["same_tokens"] else " (greedy tokens differ)"))
@@ -193,7 +196,7 @@ def build_plot(rows: Sequence[Dict]):
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if "decode_tok_s" in r]
-    ratios = {r["config"]: r for r in rows if r["impl"] == f"{OURS}/{MLX_LM}"}  # plain decode's ratios
+    ratios = {r["config"]: r for r in rows if r["impl"] == PLAIN_PAIR}  # plain decode's ratios
     configs = list(dict.fromkeys(r["config"] for r in measured))  # one group of bars per configuration
     impls = list(dict.fromkeys(r["impl"] for r in measured))
     by_key = {(r["config"], r["impl"]): r for r in measured}

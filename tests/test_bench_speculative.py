@@ -83,7 +83,7 @@ def test_draft_model_vs_mlx_lm_in_one_run(capsys, tiny_dirs, tmp_path):
     # need not be equal; each is bounded by the tokens after the prefill's.
     assert 0 <= theirs["accepted_tokens"] <= 8 and 0 <= ours["accepted_tokens"] <= 8
     assert rows[-1]["same_tokens"] and rows[-1]["decode_ratio"] > 0
-    assert "openelm-mlx+draft/mlx-lm+draft" in out
+    assert "speculative, ours float32 vs mlx-lm float32: decode x" in out
 
 
 def test_prompt_lookup_on_a_tiny_synthetic_model():
