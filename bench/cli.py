@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..config import PRESETS
+from ..drafting import PROMPT_LOOKUP_NGRAM
 from ..errors import InvalidOptionError
 from .runner import PAPER_GEN_TOKENS, PAPER_PROMPT, BenchSettings
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchSettings)}
 DEFAULT_SIZE = "270M"
+SYNTHETIC_DRAFT_PREFIX = "synthetic:"  # --draft-model synthetic:SIZE
 DEFAULT_GROUP_SIZE = 64  # mlx-lm's and Apple's MLX port's
 DTYPE_CHOICES = ["default", "bfloat16", "float16", "float32"]
 BITS_CHOICES = [0, 2, 3, 4, 5, 6, 8]
@@ -48,6 +50,16 @@ def register(subparsers) -> None:
     p.add_argument("--paper", action="store_true",
                    help="Apple's MLX benchmark method: CoreNet's 36-token Treasure Island prompt, "
                         f"{PAPER_GEN_TOKENS} greedy tokens (needs the tokenizer)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--draft-model", metavar="PATH|REPO|synthetic:SIZE",
+                       help="also decode speculatively with this draft model (synthetic:SIZE: random weights, "
+                            "for the verify cost only) and report the speedup, acceptance rate, tokens per target "
+                            "pass and verify-pass cost; with --vs-mlx-lm, mlx-lm's speculative decoding too")
+    which.add_argument("--prompt-lookup", nargs="?", type=int, const=PROMPT_LOOKUP_NGRAM, metavar="N",
+                       help=f"also decode speculatively with prompt lookup (n-grams up to N, default "
+                            f"{PROMPT_LOOKUP_NGRAM}); mlx-lm has none")
+    p.add_argument("--num-draft-tokens", type=int, metavar="K",
+                   help=f"tokens drafted per verify pass (default {d['num_draft_tokens']})")
     p.add_argument("--tokenizer", help="tokenizer.model for --paper when the model has none")
     p.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the records as a JSON array")
@@ -68,8 +80,13 @@ def run(args: argparse.Namespace) -> int:
     gen_tokens = args.gen_tokens
     if gen_tokens is None:
         gen_tokens = PAPER_GEN_TOKENS if args.paper else _DEFAULTS["gen_tokens"]
+    speculative = args.draft_model is not None or args.prompt_lookup is not None
+    if args.num_draft_tokens is not None and not speculative:
+        raise InvalidOptionError("--num-draft-tokens needs --draft-model or --prompt-lookup")
     settings = BenchSettings(prompt_tokens=args.prompt_tokens, gen_tokens=gen_tokens, trials=args.trials,
-                             warmup=args.warmup, vs_mlx_lm=args.vs_mlx_lm)
+                             warmup=args.warmup, vs_mlx_lm=args.vs_mlx_lm, prompt_lookup=args.prompt_lookup,
+                             num_draft_tokens=_DEFAULTS["num_draft_tokens"] if args.num_draft_tokens is None
+                             else args.num_draft_tokens)
     for path in (args.json, args.plot):
         if path is not None and not path.parent.is_dir():
             raise InvalidOptionError(f"cannot write {path}: no such directory {path.parent}")
@@ -82,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"[{message}]", file=sys.stderr, flush=True)
 
+    draft_base = _draft_checkpoint(args.draft_model, progress) if args.draft_model else None
     system = system_info()
     groups = []
     for size in ([None] if args.model else (args.size or [DEFAULT_SIZE])):
@@ -96,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
                 check_float16(base.args, DTYPES[dtype], args.force_float16)
         for bits in bits_list:
             checkpoint = quantized(base, bits=bits, group_size=args.group_size) if bits else base
+            draft = quantized(draft_base, bits=bits, group_size=args.group_size) if bits and draft_base else draft_base
             for dtype in dtypes:
                 progress(f"measuring {checkpoint.name}, bits {bits or '-'}, dtype {dtype or 'default'}")
-                groups.append(measure(checkpoint, settings, dtype=dtype, prompt=prompt, progress=progress))
+                groups.append(measure(checkpoint, settings, dtype=dtype, prompt=prompt, draft=draft,
+                                      progress=progress))
         del base
     rows = report.records(groups, system)
     print(report.table(rows, system))
@@ -107,6 +127,23 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         report.write_plot(rows, args.plot)
     return 0
+
+
+def _draft_checkpoint(source: str, progress):
+    """The draft model's checkpoint: a directory or repo, or synthetic:SIZE (random weights, seed 1 so it
+    differs from a synthetic target of the same size)."""
+    from ..config import ModelArgs
+    from .checkpoint import directory_checkpoint, synthetic_checkpoint
+
+    if not source.startswith(SYNTHETIC_DRAFT_PREFIX):
+        progress(f"loading draft {source}")
+        return directory_checkpoint(source)
+    size = source[len(SYNTHETIC_DRAFT_PREFIX):]
+    if size not in PRESETS:
+        raise InvalidOptionError(f"--draft-model {source}: unknown size {size!r}; use synthetic:SIZE with SIZE one of "
+                                 + ", ".join(PRESETS))
+    progress(f"building synthetic draft {size} (random bfloat16 weights)")
+    return synthetic_checkpoint(ModelArgs.from_preset(size), f"synthetic {size}", seed=1)
 
 
 def _paper_prompt(args: argparse.Namespace) -> List[int]:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ..errors import OpenELMError
-from .runner import MLX_LM, OURS, Measurement
+from .runner import MLX_LM, OURS, SPECULATIVE, Measurement
 from .system import SystemInfo
+
+PLAIN_PAIR = f"{OURS}/{MLX_LM}"  # the `impl` of the plain-decode ratio record
 
 
 def record(m: Measurement, system: SystemInfo) -> Dict:
@@ -34,12 +36,26 @@ def record(m: Measurement, system: SystemInfo) -> Dict:
         "bandwidth_fraction": achieved / system.copy_bandwidth_gb_s if system.copy_bandwidth_gb_s else None,
         **system.as_dict(),
     })
+    if m.drafter is not None:
+        out.update(speculative_fields(m))
     return out
+
+
+def speculative_fields(m: Measurement) -> Dict:
+    """What a speculative measurement adds: the drafter, its counters over the last trial (greedy: every
+    trial alike), tokens per target pass (the prefill's pass included) and, for ours, the verify-pass cost."""
+    last = m.trials[-1]
+    drafted = last.drafted_tokens or None  # None: mlx-lm does not report what it drafted
+    return {"drafter": m.drafter, "num_draft_tokens": m.num_draft_tokens, "drafted_tokens": drafted,
+            "accepted_tokens": last.accepted_tokens,
+            "acceptance_rate": last.accepted_tokens / drafted if drafted else None,
+            "tokens_per_pass": len(last.tokens) / (last.verify_passes + 1),
+            "verify_cost": m.verify_cost}
 
 
 def ratio_record(ours: Measurement, theirs: Measurement) -> Dict:
     """Our/their medians, and the spread of trial-by-trial ratios (trials were interleaved in pairs)."""
-    out = {"config": ours.config, "impl": f"{OURS}/{MLX_LM}", "model": ours.checkpoint.name, "dtype": ours.compute_dtype,
+    out = {"config": ours.config, "impl": f"{ours.impl}/{theirs.impl}", "model": ours.checkpoint.name, "dtype": ours.compute_dtype,
            "mlx_lm_dtype": theirs.compute_dtype, "bits": ours.checkpoint.bits,
            "prompt_tokens": ours.prompt_tokens, "gen_tokens": ours.gen_tokens}
     for kind in ("decode", "prefill"):
@@ -53,13 +69,22 @@ def ratio_record(ours: Measurement, theirs: Measurement) -> Dict:
 
 
 def records(groups: Sequence[List[Measurement]], system: SystemInfo) -> List[Dict]:
-    """Every measurement's record; after each configuration measured against mlx-lm, its ratios."""
+    """Every measurement's record (a speculative one with its speedup over the same implementation's
+    plain decode); after each configuration measured against mlx-lm, its ratios (plain, speculative)."""
     out = []
     for group in groups:
-        out.extend(record(m, system) for m in group)
         by_impl = {m.impl: m for m in group}
-        if MLX_LM in by_impl:
-            out.append(ratio_record(by_impl[OURS], by_impl[MLX_LM]))
+        for m in group:
+            row = record(m, system)
+            if m.drafter is not None:
+                plain = by_impl[m.impl[: -len(SPECULATIVE)]]
+                row["plain_decode_tok_s"] = plain.median("decode_tok_s")
+                row["speedup"] = m.median("decode_tok_s") / row["plain_decode_tok_s"]
+                row["same_tokens_as_plain"] = m.trials[0].tokens == plain.trials[0].tokens
+            out.append(row)
+        for suffix in ("", SPECULATIVE):
+            if MLX_LM + suffix in by_impl and OURS + suffix in by_impl:
+                out.append(ratio_record(by_impl[OURS + suffix], by_impl[MLX_LM + suffix]))
     return out
 
 
@@ -86,12 +111,21 @@ def table(rows: Sequence[Dict], system: SystemInfo) -> str:
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in body]
+    speculative = [r for r in rows if "speedup" in r]
+    if speculative:
+        lines.append("")
+        for r in speculative:
+            lines.append(speculative_line(r))
+        if any(r["model"].startswith("synthetic") for r in speculative):
+            lines.append("synthetic weights are random: a draft model's acceptance is near 0 and shows no real "
+                         "speedup; the verify cost (time of a pass over K+1 tokens / a 1-token step) is real")
     ratios = [r for r in rows if "decode_ratio" in r]
     if ratios:
         lines.append("")
         for r in ratios:
             lines.append(
-                f"{r['config']}: ours {r['dtype']} vs mlx-lm {r['mlx_lm_dtype']}: decode x{_num(r['decode_ratio'])} "
+                f"{r['config']}: {'' if r['impl'] == PLAIN_PAIR else 'speculative, '}"
+                f"ours {r['dtype']} vs mlx-lm {r['mlx_lm_dtype']}: decode x{_num(r['decode_ratio'])} "
                 f"[{_num(r['decode_ratio_min'])}-{_num(r['decode_ratio_max'])}], prefill x{_num(r['prefill_ratio'])} "
                 f"[{_num(r['prefill_ratio_min'])}-{_num(r['prefill_ratio_max'])}]"
                 + ("" if r["same_tokens"] else " (greedy tokens differ)"))
@@ -101,6 +135,17 @@ def table(rows: Sequence[Dict], system: SystemInfo) -> str:
         lines.append("% copy BW: MLX's CPU copy runs on one thread while a multithreaded BLAS reads weights on all "
                      "cores, so it can pass 100%")
     return "\n".join(lines)
+
+
+def speculative_line(r: Dict) -> str:
+    """One table line on a speculative measurement."""
+    acceptance = "-" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
+    drafted = "" if r["drafted_tokens"] is None else f"/{r['drafted_tokens']}"
+    verify = "" if r["verify_cost"] is None else f", verify pass of {r['num_draft_tokens'] + 1} tokens x{r['verify_cost']:.2f} a step"
+    return (f"{r['config']}: {r['impl']} ({r['drafter']}, K={r['num_draft_tokens']}): decode "
+            f"{r['decode_tok_s']:.2f} vs plain {r['plain_decode_tok_s']:.2f} tok/s = speedup x{r['speedup']:.2f}; "
+            f"accepted {r['accepted_tokens']}{drafted} ({acceptance}), {r['tokens_per_pass']:.2f} tokens per target pass"
+            + verify + ("" if r["same_tokens_as_plain"] else " (greedy tokens differ from plain)"))
 
 
 def _num(value) -> str:
@@ -151,7 +196,7 @@ def build_plot(rows: Sequence[Dict]):
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if "decode_tok_s" in r]
-    ratios = {r["config"]: r for r in rows if "decode_ratio" in r}
+    ratios = {r["config"]: r for r in rows if r["impl"] == PLAIN_PAIR}  # plain decode's ratios
     configs = list(dict.fromkeys(r["config"] for r in measured))  # one group of bars per configuration
     impls = list(dict.fromkeys(r["impl"] for r in measured))
     by_key = {(r["config"], r["impl"]): r for r in measured}

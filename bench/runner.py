@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
+from ..drafting import DraftModel, PromptLookup, Speculation
 from ..errors import InvalidOptionError
 from ..generation import GenerationOptions, decode_tokens
 from ..loading import DTYPES, default_dtype
 from .checkpoint import Checkpoint, build_mlx_lm_model, build_model, parameter_bytes
+from .forward import measure_interleaved, mlx_workloads
 
 OURS = "openelm-mlx"
 MLX_LM = "mlx-lm"
+SPECULATIVE = "+draft"  # suffix of an implementation's name when it decodes speculatively
 
 # CoreNet's mlx_examples/open_elm/inference.py timing prompt (36 tokens with BOS) and length.
 PAPER_PROMPT = ("Squire Trelawney, Dr. Livesey, and the rest of these gentlemen having asked me to write down "
@@ -46,9 +49,12 @@ class BenchSettings:
     warmup: int = 1
     vs_mlx_lm: bool = False
     seed: int = 0  # of the random prompt ids
+    num_draft_tokens: int = GenerationOptions.num_draft_tokens  # with a draft model or prompt lookup
+    prompt_lookup: Optional[int] = None  # n-gram size: also decode speculatively with prompt lookup
 
     def __post_init__(self) -> None:
-        for name, lowest in (("prompt_tokens", 1), ("gen_tokens", 1), ("trials", 1), ("warmup", 0)):
+        for name, lowest in (("prompt_tokens", 1), ("gen_tokens", 1), ("trials", 1), ("warmup", 0),
+                             ("num_draft_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < lowest:
                 raise InvalidOptionError(f"{name.replace('_', '-')} must be an integer >= {lowest}, got {value!r}")
@@ -63,6 +69,9 @@ class Trial:
     decode_peak_memory_bytes: int  # after the first token
     kv_cache_bytes: int
     tokens: List[int]
+    drafted_tokens: int = 0  # speculative decoding only: drafts proposed and accepted, target verify passes
+    accepted_tokens: int = 0
+    verify_passes: int = 0
 
 
 @dataclass
@@ -77,6 +86,9 @@ class Measurement:
     gen_tokens: int
     weight_bytes: int
     trials: List[Trial] = field(default_factory=list)
+    drafter: Optional[str] = None  # speculative: "draft NAME" or "prompt lookup N"
+    num_draft_tokens: Optional[int] = None
+    verify_cost: Optional[float] = None  # ours: a pass over num_draft_tokens + 1 tokens / a 1-token step
 
     @property
     def config(self) -> str:
@@ -102,6 +114,9 @@ class Implementation:
     model: object
     make_cache: Callable[[], list]
     tokens: Callable[[List[int], int, list], Iterator[int]]
+    drafter: Optional[str] = None  # speculative: what drafts
+    num_draft_tokens: Optional[int] = None
+    speculation: Optional[Speculation] = None  # ours speculative: the current trial's counters
 
 
 def ours(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
@@ -115,6 +130,60 @@ def ours(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
             yield token
 
     return Implementation(OURS, compute, model, lambda: make_cache(len(model.layers)), tokens)
+
+
+def ours_speculative(plain: Implementation, draft: Optional[Checkpoint], prompt_lookup: Optional[int],
+                     num_draft_tokens: int) -> Implementation:
+    """Our `decode_tokens` loop decoding speculatively with `plain`'s model (shared, not a copy): drafting
+    with `draft`'s model (in the same compute dtype) or, when `draft` is None, prompt lookup with n-grams
+    up to `prompt_lookup`. Each trial starts a fresh drafter (a draft model's cache would otherwise
+    already hold the repeated prompt)."""
+    impl = replace(plain)
+    options = GenerationOptions(num_draft_tokens=num_draft_tokens)
+    if draft is not None:
+        draft_model = build_model(draft, DTYPES[impl.compute_dtype])
+        DraftModel(draft_model).check_target(impl.model)
+        new_drafter = lambda: DraftModel(draft_model)  # noqa: E731
+        impl.drafter = f"draft {draft.name}"
+    else:
+        new_drafter = lambda: PromptLookup(prompt_lookup)  # noqa: E731
+        impl.drafter = f"prompt lookup {prompt_lookup}"
+
+    def tokens(prompt, gen_tokens, cache):
+        impl.speculation = Speculation(new_drafter(), num_draft_tokens)
+        for (token,) in decode_tokens(impl.model, mx.array([prompt]), cache, options, gen_tokens,
+                                      speculation=impl.speculation):
+            yield token
+
+    impl.name, impl.num_draft_tokens, impl.tokens = OURS + SPECULATIVE, num_draft_tokens, tokens
+    return impl
+
+
+def mlx_lm_speculative(plain: Implementation, draft: Checkpoint, num_draft_tokens: int) -> Implementation:
+    """mlx-lm's `speculative_generate_step` on `plain`'s model (shared), with its own OpenELM model of
+    `draft` (in the same compute dtype) as the draft."""
+    from mlx_lm.generate import speculative_generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    impl = replace(plain)
+    draft_model = build_mlx_lm_model(draft, DTYPES[impl.compute_dtype])
+
+    def tokens(prompt, gen_tokens, cache):
+        # mlx-lm does not say how many tokens it drafted: count what it accepted and its target passes
+        # (each yields one token of the target's own; the first is the prefill's, as in ours).
+        impl.speculation = counters = Speculation(drafter=None, num_draft_tokens=num_draft_tokens)
+        counters.target_passes = -1
+        for token, _, from_draft in speculative_generate_step(
+                mx.array(prompt), impl.model, draft_model, num_draft_tokens=num_draft_tokens,
+                max_tokens=gen_tokens, prompt_cache=cache):
+            counters.accepted += bool(from_draft)
+            counters.target_passes += not from_draft
+            yield int(token)
+
+    impl.name, impl.drafter, impl.num_draft_tokens, impl.tokens = (
+        MLX_LM + SPECULATIVE, f"draft {draft.name}", num_draft_tokens, tokens)
+    impl.make_cache = lambda: make_prompt_cache(impl.model) + make_prompt_cache(draft_model)
+    return impl
 
 
 def mlx_lm(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
@@ -152,7 +221,11 @@ def run_trial(impl: Implementation, prompt: Sequence[int], gen_tokens: int, weig
     kv_bytes = sum(c.nbytes for c in cache)
     own = weight_bytes - baseline  # the process's memory outside this trial, less our weights
     ttft = first_at - start
+    counters = impl.speculation
     return Trial(
+        drafted_tokens=counters.drafted if counters else 0,
+        accepted_tokens=counters.accepted if counters else 0,
+        verify_passes=counters.target_passes if counters else 0,
         ttft_s=ttft,
         prefill_tok_s=len(prompt) / ttft,
         decode_tok_s=(len(tokens) - 1) / (end - first_at) if len(tokens) > 1 else 0.0,
@@ -170,22 +243,35 @@ def prompt_ids(vocab_size: int, settings: BenchSettings) -> List[int]:
 
 
 def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[str] = None,
-            prompt: Optional[Sequence[int]] = None,
+            prompt: Optional[Sequence[int]] = None, draft: Optional[Checkpoint] = None,
             progress: Callable[[str], None] = lambda _: None) -> List[Measurement]:
     """Time ours (and mlx-lm's with `settings.vs_mlx_lm`) on `checkpoint`, trials interleaved.
 
-    `dtype` forces one compute dtype on every implementation; None lets each take its default.
+    `dtype` forces one compute dtype on every implementation; None lets each take its default. With
+    `draft` (a draft model's checkpoint) or `settings.prompt_lookup`, ours also decodes speculatively
+    (and mlx-lm too with a draft model: it has no prompt lookup), and the cost of our verify pass over
+    num_draft_tokens + 1 tokens after the prompt is measured against a 1-token step.
     """
+    if draft is not None and settings.prompt_lookup is not None:
+        raise InvalidOptionError("give a draft model or prompt lookup, not both")
     prompt = list(prompt) if prompt is not None else prompt_ids(checkpoint.args.vocab_size, settings)
     context = checkpoint.args.max_context_length
     if len(prompt) + settings.gen_tokens > context:
         raise InvalidOptionError(f"{len(prompt)} prompt + {settings.gen_tokens} generated tokens exceed the "
                                  f"model's {context}-token context: lower --prompt-tokens or --gen-tokens")
-    builders = [ours] + ([mlx_lm] if settings.vs_mlx_lm else [])
-    impls = [build(checkpoint, dtype) for build in builders]
+    k = settings.num_draft_tokens
+    speculative = draft is not None or settings.prompt_lookup is not None
+    impls = [ours(checkpoint, dtype)]
+    if speculative:
+        impls.append(ours_speculative(impls[0], draft, settings.prompt_lookup, k))
+    if settings.vs_mlx_lm:
+        impls.append(mlx_lm(checkpoint, dtype))
+        if draft is not None:
+            impls.append(mlx_lm_speculative(impls[-1], draft, k))
     results = [Measurement(impl=i.name, checkpoint=checkpoint, compute_dtype=i.compute_dtype, requested_dtype=dtype,
                            prompt_tokens=len(prompt), gen_tokens=settings.gen_tokens,
-                           weight_bytes=parameter_bytes(i.model)) for i in impls]
+                           weight_bytes=parameter_bytes(i.model), drafter=i.drafter,
+                           num_draft_tokens=i.num_draft_tokens) for i in impls]
     for n in range(settings.warmup):
         for impl, result in zip(impls, results):
             progress(f"warm-up {n + 1}/{settings.warmup}: {impl.name}")
@@ -197,6 +283,16 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
         for impl, result in pairs if n % 2 == 0 else pairs[::-1]:
             progress(f"trial {n + 1}/{settings.trials}: {impl.name}")
             result.trials.append(run_trial(impl, prompt, settings.gen_tokens, result.weight_bytes))
+    if speculative:
+        progress(f"verify pass of {k + 1} tokens vs a 1-token step: {OURS}")
+        results[1].verify_cost = verify_cost(impls[0].model, len(prompt), k + 1, settings.trials)
     del impls
     mx.clear_cache()
     return results
+
+
+def verify_cost(model, context: int, tokens: int, repeats: int) -> float:
+    """Time of a forward over `tokens` new tokens after a `context`-token cache (every position's
+    logits, as a verify pass computes them) divided by a 1-token decode step's: medians of `repeats`."""
+    timings = measure_interleaved({OURS: mlx_workloads(model, (), (tokens,), context)}, repeats)[OURS]["verify"]
+    return timings[tokens] / timings[1]

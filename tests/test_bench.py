@@ -120,6 +120,9 @@ def test_plain_run_prints_a_table_without_mlx_lm(capsys, tiny_dir):
     (["--prompt-tokens", "0"], "prompt-tokens must be"),
     (["--gen-tokens", "0"], "gen-tokens must be"),
     (["--json", "/nonexistent/dir/out.json"], "no such directory"),
+    (["--num-draft-tokens", "2"], "--num-draft-tokens needs --draft-model or --prompt-lookup"),
+    (["--prompt-lookup", "--num-draft-tokens", "0"], "num-draft-tokens must be an integer >= 1"),
+    (["--draft-model", "synthetic:9B"], "unknown size '9B'"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, needle):
     code, out, err = run_main(capsys, ["bench", *argv])
