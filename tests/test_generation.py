@@ -24,7 +24,7 @@ from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config,
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
 from openelm_mlx import generation
-from openelm_mlx.generation import SEED_LIMIT, StopMatcher, cache_window
+from openelm_mlx.generation import SEED_LIMIT, StopMatcher
 from openelm_mlx.sampling import make_repetition_penalty, make_sampler
 
 PROMPTS = ["Once upon a time", "Hello world", "The quick brown fox",
