@@ -12,6 +12,7 @@ from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.cache import KVCache, QuantizedKVCache, make_cache
+from openelm_mlx.drafting import PromptLookup
 from openelm_mlx.errors import InvalidOptionError
 from openelm_mlx.generation import batch_generate, new_cache
 
@@ -148,3 +149,13 @@ def test_a_cache_of_another_kind_is_refused(lm):
     with pytest.raises(InvalidOptionError, match="kv_bits is 8"):
         om.generate(model, tok, "Hello", GenerationOptions(kv_bits=8, kv_group_size=32),
                     cache=make_cache(len(model.layers)))
+
+
+def test_speculative_decoding_on_a_quantized_cache_keeps_greedy_output(lm):
+    """Verify passes trim rejected drafts from the quantized cache like from a plain one."""
+    model, tok = lm
+    options = GenerationOptions(max_tokens=12, kv_bits=4, kv_group_size=32)
+    prompt = "Hello world! Hello world"
+    plain = om.generate(model, tok, prompt, options)
+    speculative = om.generate(model, tok, prompt, options, draft=PromptLookup(2))
+    assert speculative.tokens == plain.tokens and speculative.stats.drafted_tokens > 0

@@ -200,3 +200,32 @@ def test_cache_prompt_errors_are_one_line(capsys, dirs, tmp_path, case):
     lines = err.strip().splitlines()
     assert code == 2 and out_text == "" and len(lines) == 1, err
     assert lines[0].startswith(f"openelm-mlx {command}: error: ") and needle in lines[0], err
+
+
+def test_serve_reloads_the_prefixes_it_saved_on_shutdown(capsys, monkeypatch, dirs, tmp_path):
+    """serve --prompt-cache-dir: a conversation cached before a restart is served from the cache after it."""
+    from openelm_mlx.server import Job, Worker
+    from openelm_mlx.openai_api import COMPLETION, ServedModel, parse_request
+    from openelm_mlx.prompt_format import RAW
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "broken.safetensors").write_bytes(b"not safetensors")
+    records = []
+
+    def one_request_then_ctrl_c(worker):
+        served = ServedModel("m", worker.tokenizer, RAW, 2048)
+        worker._run_job(Job(parse_request(COMPLETION, b'{"prompt": "%s", "max_tokens": 4}' % PREFIX.encode(),
+                                          served)))
+        records.append(worker.records[-1])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Worker, "run", one_request_then_ctrl_c)
+    argv = ["serve", "--model", str(dirs[0]), "--dtype", "float32", "--port", "0", "--prompt-cache-dir",
+            str(tmp_path / "cache")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "saved 1 cached prefixes" in err and err.count("warning: skipped") == 1 and "broken.safetensors" in err
+    assert main(argv) == 130
+    first, second = records
+    prompt_len = len(om.load(dirs[0], dtype="float32")[1].encode(PREFIX))
+    assert first.cached_tokens == 0 and second.cached_tokens == prompt_len - 1
