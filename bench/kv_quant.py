@@ -1,10 +1,10 @@
 """Quality and memory of the quantized KV cache: `python -m openelm_mlx.bench.kv_quant`.
 
-Each context (CONTEXT tokens of the given text files, BOS first) is fed teacher-forced in chunks through
-the model twice per setting: once with the full-precision cache, once with --kv-bits; both with the
-same sliding window, so positions are dropped at the same moments. For every position it compares the
-next-token distributions: KL(full || quantized) in nats, and whether the top-1 token agrees. Memory is
-the bytes the cache holds per stored position (scales and biases included).
+Each context (--context tokens of the given text files, BOS first) is fed teacher-forced in chunks
+through the model with the full-precision cache and with a quantized cache per --bits, all with the
+same sliding window, so positions are dropped at the same moments. At every --stride-th position it
+compares the next-token distributions: KL(full || quantized) in nats, and whether the top-1 token
+agrees. Memory is the bytes each cache holds per position of its capacity (scales and biases included).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
@@ -29,32 +29,37 @@ def contexts(ids: List[int], length: int, count: int, bos: int) -> List[List[int
     return [[bos] + ids[i * body:(i + 1) * body] for i in range(min(count, len(ids) // body))]
 
 
-def compare(model: Model, ids: List[int], *, bits: int, group_size: int, window: Optional[int],
-            chunk: int) -> Dict[str, float]:
-    """KL and top-1 agreement of the quantized cache against the full-precision one over `ids`."""
+def compare(model: Model, ids: List[int], *, bits: Sequence[int], group_size: int, window: Optional[int],
+            chunk: int, stride: int) -> Dict[int, Dict[str, float]]:
+    """Per bit width: KL and top-1 agreement of the quantized cache against the full-precision one over
+    `ids` (every `stride`-th position is scored; all are fed), and the bytes each cache holds."""
     layers = len(model.layers)
     full = make_cache(layers, max_size=window)
-    quant = make_cache(layers, max_size=window, kv_bits=bits, kv_group_size=group_size)
-    kl_sum, kl_max, agree, positions = 0.0, 0.0, 0, 0
+    quantized = {b: make_cache(layers, max_size=window, kv_bits=b, kv_group_size=group_size) for b in bits}
+    sums = {b: {"kl": 0.0, "kl_max": 0.0, "agree": 0} for b in bits}
+    scored = 0
     for start in range(0, len(ids), chunk):
         x = mx.array([ids[start:start + chunk]])
-        p_log = nn_log_softmax(model(x, cache=full)[0].astype(mx.float32))
-        q_log = nn_log_softmax(model(x, cache=quant)[0].astype(mx.float32))
-        kl = (mx.exp(p_log) * (p_log - q_log)).sum(axis=-1)  # [T]
-        same = mx.argmax(p_log, axis=-1) == mx.argmax(q_log, axis=-1)
-        mx.eval(kl, same)
-        kl_sum += kl.sum().item()
-        kl_max = max(kl_max, kl.max().item())
-        agree += same.sum().item()
-        positions += x.shape[1]
-    stored = quant[0].size
-    return {"kl_mean": kl_sum / positions, "kl_max": kl_max, "top1_agreement": agree / positions,
-            "positions": positions, "stored_positions": stored,
-            "bytes_per_position_full": sum(c.nbytes for c in full) / full[0].keys.shape[2],
-            "bytes_per_position_quantized": sum(c.nbytes for c in quant) / quant[0].keys[0].shape[2]}
+        picked = mx.array([i for i in range(x.shape[1]) if (start + i) % stride == 0])
+        p_log = log_softmax(model.logits(model.hidden(x, full)[0][picked]).astype(mx.float32))
+        for b, cache in quantized.items():
+            q_log = log_softmax(model.logits(model.hidden(x, cache)[0][picked]).astype(mx.float32))
+            kl = (mx.exp(p_log) * (p_log - q_log)).sum(axis=-1)  # [scored positions]
+            same = mx.argmax(p_log, axis=-1) == mx.argmax(q_log, axis=-1)
+            mx.eval(kl, same)
+            sums[b]["kl"] += kl.sum().item()
+            sums[b]["kl_max"] = max(sums[b]["kl_max"], kl.max().item())
+            sums[b]["agree"] += same.sum().item()
+        scored += picked.size
+    full_bytes = sum(c.nbytes for c in full) / full[0].keys.shape[2]
+    return {b: {"kl_mean": sums[b]["kl"] / scored, "kl_max": sums[b]["kl_max"],
+                "top1_agreement": sums[b]["agree"] / scored, "scored_positions": scored,
+                "bytes_per_position_full": full_bytes,
+                "bytes_per_position_quantized": sum(c.nbytes for c in quantized[b]) / quantized[b][0].keys[0].shape[2]}
+            for b in bits}
 
 
-def nn_log_softmax(logits: mx.array) -> mx.array:
+def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
@@ -72,6 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--group-size", type=int, default=32, choices=KV_GROUP_SIZES,
                         help="default %(default)s (the docs models' head_dim is 32)")
     parser.add_argument("--chunk", type=int, default=64, help="tokens per forward pass (default %(default)s)")
+    parser.add_argument("--stride", type=int, default=4,
+                        help="score every N-th position (all are fed; the logits dominate the cost; default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     model, tokenizer = load(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
@@ -81,25 +88,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not samples:
         parser.error(f"the text is {len(ids)} tokens, shorter than one {args.context}-token context")
     results = []
+    bits = args.bits or [8, 4]
     for window in args.window or [256]:
-        for bits in args.bits or [8, 4]:
-            started = time.perf_counter()
-            runs = [compare(model, sample, bits=bits, group_size=args.group_size, window=window, chunk=args.chunk)
-                    for sample in samples]
-            total = sum(r["positions"] for r in runs)
-            row = {"window": window, "bits": bits, "group_size": args.group_size, "dtype": args.dtype,
-                   "contexts": len(runs), "context_tokens": args.context,
-                   "kl_mean": sum(r["kl_mean"] * r["positions"] for r in runs) / total,
-                   "kl_max": max(r["kl_max"] for r in runs),
-                   "top1_agreement": sum(r["top1_agreement"] * r["positions"] for r in runs) / total,
-                   "bytes_per_position_full": runs[0]["bytes_per_position_full"],
-                   "bytes_per_position_quantized": runs[0]["bytes_per_position_quantized"],
-                   "seconds": round(time.perf_counter() - started, 1)}
+        started = time.perf_counter()
+        runs = [compare(model, sample, bits=bits, group_size=args.group_size, window=window, chunk=args.chunk,
+                        stride=args.stride) for sample in samples]
+        seconds = round(time.perf_counter() - started, 1)
+        for b in bits:
+            per = [run[b] for run in runs]
+            total = sum(r["scored_positions"] for r in per)
+            row = {"window": window, "bits": b, "group_size": args.group_size, "dtype": args.dtype,
+                   "contexts": len(per), "context_tokens": args.context, "scored_positions": total,
+                   "kl_mean": sum(r["kl_mean"] * r["scored_positions"] for r in per) / total,
+                   "kl_max": max(r["kl_max"] for r in per),
+                   "top1_agreement": sum(r["top1_agreement"] * r["scored_positions"] for r in per) / total,
+                   "bytes_per_position_full": per[0]["bytes_per_position_full"],
+                   "bytes_per_position_quantized": per[0]["bytes_per_position_quantized"],
+                   "seconds_all_bits": seconds}
             results.append(row)
-            print(f"window {window:5d}  {bits} bits (group {args.group_size}): KL mean {row['kl_mean']:.2e} nats, "
-                  f"max {row['kl_max']:.2e}; top-1 agreement {100 * row['top1_agreement']:.2f}%; cache "
-                  f"{row['bytes_per_position_quantized']:.0f} B/position vs {row['bytes_per_position_full']:.0f} "
-                  f"({row['bytes_per_position_quantized'] / row['bytes_per_position_full']:.3f}x)", flush=True)
+            ratio = row["bytes_per_position_quantized"] / row["bytes_per_position_full"]
+            print(f"window {window:5d}  {b} bits (group {args.group_size}): KL mean {row['kl_mean']:.2e} nats, "
+                  f"max {row['kl_max']:.2e}; top-1 agreement {100 * row['top1_agreement']:.2f}% over {total} "
+                  f"positions; cache {row['bytes_per_position_quantized']:.0f} B/position vs "
+                  f"{row['bytes_per_position_full']:.0f} ({ratio:.3f}x)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

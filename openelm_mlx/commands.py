@@ -134,7 +134,7 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
     for _ in stream_generate(model, tokenizer, ids, replace(options, max_tokens=0), cache=cache):
         pass  # max_tokens 0: prefill only
     save_prompt_cache(out, model, ids, cache, force=args.force)
-    size = sum(layer.nbytes for layer in cache)
-    print(f"cached {len(ids)} tokens ({size / 1e6:.1f} MB of keys and values) in {out}", file=sys.stderr)
+    stored = sum(part.nbytes for layer in cache for part in layer.state)  # without spare capacity
+    print(f"cached {len(ids)} tokens ({stored / 1e6:.2f} MB of keys and values) in {out}", file=sys.stderr)
     return 0
 

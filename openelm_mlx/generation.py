@@ -367,10 +367,11 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     cache_window(model, options)  # checks prefill_step against the window, also for a given cache
     if cache is None:
         cache = new_cache(model, options)
-    elif cache[0].kv_bits != options.kv_bits:
-        held = f"{cache[0].kv_bits}-bit" if cache[0].kv_bits else "unquantized"
-        raise InvalidOptionError(f"the cache holds {held} keys and values but kv_bits is {options.kv_bits}: "
-                                 "pass a cache built for these options")
+    elif not quantized_as_asked(cache, options):
+        held = (f"{cache[0].kv_bits}-bit (group size {cache[0].kv_group_size})" if cache[0].kv_bits
+                else "unquantized")
+        raise InvalidOptionError(f"the cache holds {held} keys and values but kv_bits is {options.kv_bits} "
+                                 f"(group size {options.kv_group_size}): pass a cache built for these options")
     # The penalty needs only the last ids; a drafter looks at all of them.
     recent = list(context_ids)[-options.repetition_context_size:] if speculation is None else list(context_ids)
     history = mx.array([recent]) if recent else None

@@ -20,8 +20,8 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Deque, Optional, TextIO
 
 import mlx.core as mx

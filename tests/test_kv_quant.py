@@ -12,6 +12,8 @@ from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.cache import KVCache, QuantizedKVCache, make_cache
+from openelm_mlx.bench import kv_quant as kv_quant_bench
+from openelm_mlx.cli import main
 from openelm_mlx.drafting import PromptLookup
 from openelm_mlx.errors import InvalidOptionError
 from openelm_mlx.generation import batch_generate, new_cache
@@ -25,11 +27,15 @@ HEAD_DIM = 32  # mx.quantize needs groups of 32, 64 or 128 elements
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory, spm_model):
-    root = tmp_path_factory.mktemp("kv_quant")
+def checkpoint(tmp_path_factory, spm_model):
     config = tiny_config(tied=False, head_dim=HEAD_DIM, max_context_length=32)
-    return om.load(write_hf_checkpoint(root / "m", config, text_only_state(config, spm_model), tokenizer=spm_model),
-                   dtype="float32")
+    return write_hf_checkpoint(tmp_path_factory.mktemp("kv_quant") / "m", config, text_only_state(config, spm_model),
+                               tokenizer=spm_model)
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return om.load(checkpoint, dtype="float32")
 
 
 def teacher_forced_logits(model, ids, cache, chunk=8):
@@ -159,3 +165,30 @@ def test_speculative_decoding_on_a_quantized_cache_keeps_greedy_output(lm):
     plain = om.generate(model, tok, prompt, options)
     speculative = om.generate(model, tok, prompt, options, draft=PromptLookup(2))
     assert speculative.tokens == plain.tokens and speculative.stats.drafted_tokens > 0
+
+
+def test_the_kv_quant_bench_on_the_tiny_model(lm):
+    contexts = kv_quant_bench.contexts(list(range(3, 300)), 40, 2, bos=1)
+    assert [len(c) for c in contexts] == [40, 40] and contexts[1][:2] == [1, 3 + 39]
+    rows = kv_quant_bench.compare(lm[0], contexts[0], bits=[8, 4], group_size=32, window=32, chunk=8, stride=2)
+    assert 0 < rows[8]["kl_mean"] < rows[4]["kl_mean"] and rows[8]["scored_positions"] == 20
+    assert 0 <= rows[4]["top1_agreement"] <= rows[8]["top1_agreement"] <= 1
+    assert rows[8]["bytes_per_position_quantized"] / rows[8]["bytes_per_position_full"] == 10 / 32
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--kv-bits", "8", "--kv-group-size", "64"], "kv_group_size must divide the model's head_dim (32), got 64"),
+    (["--kv-bits", "8"], "kv_group_size must divide"),  # the default group size, 64
+])
+def test_cli_errors_are_one_line(capsys, checkpoint, flags, needle):
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "Hello", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("openelm-mlx generate: error: ") and needle in lines[0]
+
+
+def test_cli_generate_with_kv_bits(capsys, checkpoint, lm):
+    argv = ["generate", "--model", str(checkpoint), "--dtype", "float32", "--prompt", "Hello world", "--max-tokens",
+            "6", "--kv-bits", "4", "--kv-group-size", "32", "--quiet"]
+    assert main(argv) == 0
+    options = GenerationOptions(max_tokens=6, kv_bits=4, kv_group_size=32)
+    assert capsys.readouterr().out == om.generate(lm[0], lm[1], "Hello world", options).text + "\n"
