@@ -136,9 +136,10 @@ def cached_prefix(path: str | Path, model: Model, prompt: Sequence[int],
     start with; n stops one short of the whole prompt (generation starts by feeding a token)."""
     tokens, cache = load_prompt_cache(path, model, options)
     if list(prompt[:len(tokens)]) != tokens:
-        at = next((i for i, (a, b) in enumerate(zip(tokens, prompt)) if a != b), min(len(tokens), len(prompt)))
+        at = next((i for i, (a, b) in enumerate(zip(tokens, prompt)) if a != b), None)
+        how = f"they differ from token {at} on" if at is not None else f"the prompt is only {len(prompt)} tokens"
         raise PromptCacheFileError(f"the prompt does not start with the {len(tokens)} tokens cached in {path} "
-                                   f"(they differ from token {at} on): begin the prompt with the cached text")
+                                   f"({how}): begin the prompt with the cached text")
     held = min(len(tokens), len(prompt) - 1)
     for layer in cache:
         layer.trim(layer.offset - held)

@@ -123,6 +123,8 @@ def test_a_prompt_that_does_not_start_with_the_cached_ids(lm, tmp_path):
     with pytest.raises(PromptCacheFileError, match=f"the 54 tokens cached in .* differ from token {at} on"):
         cached_prefix(tmp_path / "p.safetensors", lm[0], prompt, OPTIONS)
     assert len(cached) == 54
+    with pytest.raises(PromptCacheFileError, match=r"\(the prompt is only 10 tokens\)"):
+        cached_prefix(tmp_path / "p.safetensors", lm[0], cached[:10], OPTIONS)
 
 
 def test_writing_is_atomic_and_never_overwrites_unasked(lm, tmp_path):
