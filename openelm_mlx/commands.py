@@ -122,8 +122,10 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
     else:
         try:
             text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise OpenELMError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise OpenELMError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     model, tokenizer = load_from_args(args)
     ids = tokenizer.encode(text)
     context = model.args.max_context_length

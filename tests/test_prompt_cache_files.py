@@ -181,7 +181,7 @@ def test_cache_prompt_then_generate_from_it(capsys, dirs, tmp_path):
     assert f"prompt cache: {len(om.load(dirs[0], dtype='float32')[1].encode(PREFIX))} tokens" in err
 
 
-@pytest.mark.parametrize("case", ["exists", "other model", "bad suffix", "group size"])
+@pytest.mark.parametrize("case", ["exists", "other model", "bad suffix", "group size", "missing file", "not text"])
 def test_cache_prompt_errors_are_one_line(capsys, dirs, tmp_path, case):
     prompt_file, out = tmp_path / "prefix.txt", tmp_path / "prefix.safetensors"
     prompt_file.write_text(PREFIX)
@@ -191,6 +191,13 @@ def test_cache_prompt_errors_are_one_line(capsys, dirs, tmp_path, case):
         argv, command, needle = [*args, "--out", str(out)], "cache-prompt", "--force"
     elif case == "bad suffix":
         argv, command, needle = [*args, "--out", str(tmp_path / "x.bin")], "cache-prompt", ".safetensors"
+    elif case == "missing file":
+        argv, command, needle = [*args[:-1], str(tmp_path / "nope.txt"), "--out", str(tmp_path / "m.safetensors")], \
+            "cache-prompt", "cannot read --prompt-file"
+    elif case == "not text":
+        (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+        argv, command, needle = [*args[:-1], str(tmp_path / "binary.txt"), "--out", str(tmp_path / "m.safetensors")], \
+            "cache-prompt", "is not UTF-8 text"
     elif case == "group size":
         argv, command, needle = [*args, "--out", str(tmp_path / "q.safetensors"), "--kv-bits", "8"], \
             "cache-prompt", "head_dim (32)"
