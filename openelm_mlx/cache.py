@@ -1,4 +1,7 @@
-"""Per-layer KV cache: preallocated in steps, written in place, each layer with its own kv-head count."""
+"""Per-layer KV cache: preallocated in steps, written in place, each layer with its own kv-head count.
+
+`QuantizedKVCache` stores keys and values quantized (4 or 8 bits, groups along head_dim) and hands
+attention dequantized copies, so the model's attention code is the same for both."""
 
 from __future__ import annotations
 
@@ -12,6 +15,10 @@ CACHE_STEP = 256
 EVICT_CHUNK = 256
 # Sliding window: leading positions always kept (BOS and the start of the system prompt).
 DEFAULT_KEEP = 4
+# Quantized KV cache: the bit widths offered, and the default group size along head_dim.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
+DEFAULT_KV_GROUP_SIZE = 64
 
 
 class KVCache:
@@ -73,9 +80,13 @@ class KVCache:
         drop = min(max(at_least, chunk), droppable)
         keep, size = self.keep, self.size
         # Already-rotated keys keep their positions: RoPE only sees relative distances.
-        self.keys[..., keep : size - drop, :] = self.keys[..., keep + drop : size, :]
-        self.values[..., keep : size - drop, :] = self.values[..., keep + drop : size, :]
+        for part in self._stored():
+            part[..., keep : size - drop, :] = part[..., keep + drop : size, :]
         self.size -= drop
+
+    def _stored(self) -> List[mx.array]:
+        """The arrays holding the positions (axis 2), which the sliding window shifts together."""
+        return [self.keys, self.values]
 
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (at most what is stored); return how many were dropped."""
@@ -109,11 +120,129 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held, spare capacity included."""
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def kv_bits(self) -> Optional[int]:
+        """Bits per stored key/value element when quantized; None: the model's dtype."""
+        return None
+
+    @property
+    def kv_group_size(self) -> Optional[int]:
+        """Elements of head_dim sharing one scale and bias when quantized; None: not quantized."""
+        return None
+
+
+class QuantizedKVCache(KVCache):
+    """A KVCache whose keys and values are stored quantized: `bits` per element plus a float scale and
+    bias per `group_size` elements of head_dim (mx.quantize's affine scheme, as mlx-lm's QuantizedKVCache).
+
+    `update_and_fetch` quantizes the new positions and returns every stored one dequantized (in the
+    dtype of the incoming keys), so attention, the sliding window, trimming and left-padded batches
+    work as with KVCache. `keys` and `values` are (packed uint32, scales, biases) triples.
+    """
+
+    def __init__(self, max_size: Optional[int] = None, keep: int = DEFAULT_KEEP,
+                 left_padding: Optional[mx.array] = None, *, bits: int = 8,
+                 group_size: int = DEFAULT_KV_GROUP_SIZE):
+        super().__init__(max_size=max_size, keep=keep, left_padding=left_padding)
+        if bits not in KV_BITS:
+            raise ValueError(f"kv bits must be one of {KV_BITS}, got {bits}")
+        if group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"kv group size must be one of {KV_GROUP_SIZES}, got {group_size}")
+        self.bits = bits
+        self.group_size = group_size
+
+    @property
+    def kv_bits(self) -> Optional[int]:
+        return self.bits
+
+    @property
+    def kv_group_size(self) -> Optional[int]:
+        return self.group_size
+
+    def _quantize(self, x: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+        if x.shape[-1] % self.group_size:
+            raise ValueError(f"head_dim {x.shape[-1]} is not a multiple of the kv group size {self.group_size}: "
+                             f"pick a group size that divides it ({', '.join(map(str, KV_GROUP_SIZES))})")
+        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
+
+    def _dequantize(self, parts: Tuple[mx.array, ...], end: int) -> mx.array:
+        packed, scales, biases = (p[..., :end, :] for p in parts)
+        return mx.dequantize(packed, scales, biases, group_size=self.group_size, bits=self.bits)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        """Quantize and append [B, n_kv, T, hd] keys/values; return all stored ones, dequantized."""
+        new = keys.shape[2]
+        if self.max_size is not None and self.size + new > self.max_size:
+            self._evict(self.size + new - self.max_size)
+        end = self.size + new
+        new_keys, new_values = self._quantize(keys), self._quantize(values)
+        if self.keys is None or end > self.keys[0].shape[2]:
+            self._grow(new_keys, new_values, end)
+        for stored, fresh in zip(self.keys + self.values, new_keys + new_values):
+            stored[..., self.size:end, :] = fresh
+        self.size = end
+        self.offset += new
+        return self._dequantize(self.keys, end), self._dequantize(self.values, end)
+
+    def _grow(self, keys: Tuple[mx.array, ...], values: Tuple[mx.array, ...], needed: int) -> None:
+        capacity = -(-needed // CACHE_STEP) * CACHE_STEP
+        if self.max_size is not None:
+            capacity = min(capacity, self.max_size)
+
+        def grown(old: Optional[Tuple[mx.array, ...]], like: Tuple[mx.array, ...]) -> Tuple[mx.array, ...]:
+            parts = []
+            for i, part in enumerate(like):
+                B, n_kv, _, width = part.shape
+                bigger = mx.zeros((B, n_kv, capacity, width), part.dtype)
+                if old is not None and self.size:
+                    bigger[..., : self.size, :] = old[i][..., : self.size, :]
+                parts.append(bigger)
+            return tuple(parts)
+
+        self.keys, self.values = grown(self.keys, keys), grown(self.values, values)
+
+    def _stored(self) -> List[mx.array]:
+        # Each position's groups are its own, so shifting positions keeps them whole.
+        return list(self.keys + self.values)
+
+    @property
+    def state(self) -> Tuple[mx.array, ...]:
+        """(packed keys, key scales, key biases, packed values, value scales, value biases), without spare
+        capacity."""
+        if self.keys is None:
+            return ()
+        return tuple(part[..., : self.size, :] for part in self._stored())
+
+    @property
+    def meta_state(self) -> dict:
+        return {**super().meta_state, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_state(cls, state: Tuple[mx.array, ...], meta_state: dict) -> "QuantizedKVCache":
+        pads = meta_state.get("left_padding")
+        cache = cls(max_size=meta_state["max_size"], keep=meta_state["keep"],
+                    left_padding=None if pads is None else mx.array(pads, dtype=mx.int32),
+                    bits=meta_state["bits"], group_size=meta_state["group_size"])
+        if meta_state["size"]:
+            cache.keys, cache.values = tuple(state[:3]), tuple(state[3:])
+        cache.offset, cache.size = meta_state["offset"], meta_state["size"]
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(part.nbytes for part in self._stored())
 
 
 def make_cache(num_layers: int, *, max_size: Optional[int] = None, keep: int = DEFAULT_KEEP,
-               left_padding: Optional[Sequence[int]] = None) -> List[KVCache]:
-    """One KVCache per layer. `max_size` turns on the sliding window; `left_padding` marks a padded batch."""
+               left_padding: Optional[Sequence[int]] = None, kv_bits: Optional[int] = None,
+               kv_group_size: int = DEFAULT_KV_GROUP_SIZE) -> List[KVCache]:
+    """One cache per layer. `max_size` turns on the sliding window; `left_padding` marks a padded batch;
+    `kv_bits` (4 or 8) stores keys and values quantized in groups of `kv_group_size` (QuantizedKVCache)."""
     pads = None if left_padding is None else mx.array(list(left_padding), dtype=mx.int32)
-    return [KVCache(max_size=max_size, keep=keep, left_padding=pads) for _ in range(num_layers)]
+    if kv_bits is None:
+        return [KVCache(max_size=max_size, keep=keep, left_padding=pads) for _ in range(num_layers)]
+    return [QuantizedKVCache(max_size=max_size, keep=keep, left_padding=pads, bits=kv_bits, group_size=kv_group_size)
+            for _ in range(num_layers)]

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, TextIO
 
-from .cli_args import (add_draft_options, add_model_options, add_sampling_options, context_full_notice,
-                       drafter_from_args, load_from_args, options_from_args, speculation_summary)
+from .cli_args import (add_draft_options, add_kv_cache_options, add_model_options, add_sampling_options,
+                       context_full_notice, drafter_from_args, load_from_args, options_from_args, speculation_summary)
 from .drafting import Drafter
 from .errors import ContextLengthError
 from .generation import GenerationOptions, GenerationResponse
@@ -209,6 +209,7 @@ def register(subparsers) -> None:
     add_system_prompt_option(parser)
     parser.add_argument("--verbose", action="store_true", help="show prompt and reply statistics after each reply")
     add_sampling_options(parser)
+    add_kv_cache_options(parser)
     add_draft_options(parser)
     parser.set_defaults(run=cmd_chat)
 

@@ -11,6 +11,7 @@ import dataclasses
 import sys
 from typing import Optional, Tuple
 
+from .cache import KV_BITS, KV_GROUP_SIZES
 from .drafting import PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
 from .generation import GenerationOptions, GenerationResponse
 from .loading import load
@@ -50,6 +51,14 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         help="stop before this text (repeatable; never printed)")
     parser.add_argument("--sliding-window", action="store_true",
                         help="keep generating past the 2048-token context by dropping the oldest tokens")
+
+
+def add_kv_cache_options(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits and --kv-group-size: the quantized KV cache."""
+    parser.add_argument("--kv-bits", type=int, choices=KV_BITS, default=_DEFAULTS["kv_bits"],
+                        help="store the KV cache's keys and values in this many bits (default: unquantized)")
+    parser.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=_DEFAULTS["kv_group_size"],
+                        help="elements of a head sharing one scale and bias with --kv-bits (default %(default)s)")
 
 
 def add_draft_options(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +103,7 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
         repetition_context_size=args.repetition_context_size, seed=args.seed, stop=tuple(args.stop),
         sliding_window=args.sliding_window,
         num_draft_tokens=getattr(args, "num_draft_tokens", _DEFAULTS["num_draft_tokens"]),  # not every command drafts
+        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
 
 

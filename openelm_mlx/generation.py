@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
-from .cache import DEFAULT_KEEP, KVCache, make_cache
+from .cache import DEFAULT_KEEP, DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVCache, make_cache
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
@@ -39,6 +39,10 @@ class GenerationOptions:
     # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
     # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
     num_draft_tokens: int = 2
+    # Quantized KV cache: keys and values stored in kv_bits (4 or 8; None: the model's dtype), with a
+    # scale and bias per kv_group_size elements; quality and memory: docs/generate.md#quantized-kv-cache.
+    kv_bits: Optional[int] = None
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +66,10 @@ class GenerationOptions:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
             (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens > 0,
              "num_draft_tokens must be a positive integer", self.num_draft_tokens),
+            (self.kv_bits is None or self.kv_bits in KV_BITS,
+             f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (None: no quantization)", self.kv_bits),
+            (self.kv_group_size in KV_GROUP_SIZES,
+             f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}", self.kv_group_size),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -183,6 +191,28 @@ def cache_window(model: Model, options: GenerationOptions) -> Optional[int]:
             f"prefill_step must be at most the context minus {DEFAULT_KEEP} kept positions when the sliding "
             f"window is on, got {options.prefill_step} for a {context}-token context")
     return context
+
+
+def new_cache(model: Model, options: GenerationOptions) -> List[KVCache]:
+    """An empty cache for `options`: its sliding window (`cache_window`) and its KV quantization."""
+    head_dim = model.args.head_dim
+    if options.kv_bits is not None and head_dim % options.kv_group_size:
+        raise InvalidOptionError(f"kv_group_size must divide the model's head_dim ({head_dim}), "
+                                 f"got {options.kv_group_size}")
+    return make_cache(len(model.layers), max_size=cache_window(model, options), kv_bits=options.kv_bits,
+                      kv_group_size=options.kv_group_size)
+
+
+def cache_fits(cache: List[KVCache], model: Model, options: GenerationOptions) -> bool:
+    """Whether `cache` is what `new_cache(model, options)` would build (window and quantization)."""
+    return (len(cache) == len(model.layers) and cache[0].max_size == cache_window(model, options)
+            and quantized_as_asked(cache, options))
+
+
+def quantized_as_asked(cache: List[KVCache], options: GenerationOptions) -> bool:
+    """Whether `cache` stores keys and values as `options` ask (kv_bits, kv_group_size)."""
+    group_size = None if options.kv_bits is None else options.kv_group_size
+    return cache[0].kv_bits == options.kv_bits and cache[0].kv_group_size == group_size
 
 
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
@@ -334,9 +364,14 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     room = context_room(model, len(ids), cache, options.sliding_window)
     limit = options.max_tokens if room is None else min(options.max_tokens, room)
     context_full = room is not None and room < options.max_tokens  # the context ends it, not max_tokens
-    max_size = cache_window(model, options)
+    cache_window(model, options)  # checks prefill_step against the window, also for a given cache
     if cache is None:
-        cache = make_cache(len(model.layers), max_size=max_size)
+        cache = new_cache(model, options)
+    elif not quantized_as_asked(cache, options):
+        held = (f"{cache[0].kv_bits}-bit (group size {cache[0].kv_group_size})" if cache[0].kv_bits
+                else "unquantized")
+        raise InvalidOptionError(f"the cache holds {held} keys and values but kv_bits is {options.kv_bits} "
+                                 f"(group size {options.kv_group_size}): pass a cache built for these options")
     # The penalty needs only the last ids; a drafter looks at all of them.
     recent = list(context_ids)[-options.repetition_context_size:] if speculation is None else list(context_ids)
     history = mx.array([recent]) if recent else None
@@ -418,7 +453,8 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
     limit = min(options.max_tokens, context_room(model, width, None, False))
     pads = [width - len(r) for r in rows]
     ids = mx.array([[0] * pad + r for pad, r in zip(pads, rows)])  # pad id is never attended to
-    cache = make_cache(len(model.layers), left_padding=pads)
+    cache = make_cache(len(model.layers), left_padding=pads, kv_bits=options.kv_bits,
+                       kv_group_size=options.kv_group_size)
     completions = [CompletionText(tokenizer, options.stop) for _ in rows]
     texts: List[List[str]] = [[] for _ in rows]
     out_tokens: List[List[int]] = [[] for _ in rows]

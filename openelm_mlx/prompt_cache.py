@@ -1,15 +1,19 @@
 """A KV cache that remembers which token ids it holds, so a prompt sharing a prefix with the last one
-prefills only the rest (a chat's next turn, a server's next request in the same conversation)."""
+prefills only the rest (a chat's next turn, a server's next request in the same conversation).
+
+With a `PrefixStore`, each generation starts from the store's longest matching prefix and leaves its
+cache there: several conversations stay cached at once (the server)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
-from .cache import KVCache, make_cache
+from .cache import KVCache
 from .drafting import Drafter
-from .generation import GenerationOptions, GenerationResponse, cache_window, stream_generate
+from .generation import GenerationOptions, GenerationResponse, cache_fits, new_cache, stream_generate
 from .model import Model
+from .prompt_store import PrefixStore
 from .tokenizer import Tokenizer
 
 
@@ -19,17 +23,20 @@ class PromptCache:
     Not thread-safe: one owner (the chat loop, the server's worker) uses it.
     """
 
-    def __init__(self, model: Model):
-        """Each `generate` sizes the cache for its own options (`cache_window`), starting over when the
-        size changes."""
+    def __init__(self, model: Model, store: Optional[PrefixStore] = None):
+        """Each `generate` sizes the cache for its own options (`new_cache`: sliding window, KV
+        quantization), starting over when they change. With `store`, each `generate` takes its cache
+        from the store's longest matching prefix and hands it back at the end (`cache` and `tokens` then
+        show the last sequence, owned by the store)."""
         self.model = model
+        self.store = store
         self.cache: List[KVCache] = []
         self.tokens: List[int] = []
         self.reset()
 
-    def reset(self, max_size: Optional[int] = None) -> None:
-        """Forget everything; the next positions go into a cache of `max_size` (None: no sliding window)."""
-        self.cache = make_cache(len(self.model.layers), max_size=max_size)
+    def reset(self, options: Optional[GenerationOptions] = None) -> None:
+        """Forget everything; the next positions go into a cache built for `options` (default: plain)."""
+        self.cache = new_cache(self.model, options or GenerationOptions())
         self.tokens = []
 
     def reuse(self, prompt: Sequence[int]) -> List[int]:
@@ -46,12 +53,12 @@ class PromptCache:
         self.tokens = self.tokens[:common]
         return list(prompt[common:])
 
-    def sync(self, fed: Sequence[int]) -> None:
+    def sync(self, fed: Sequence[int], options: GenerationOptions) -> None:
         """Record what the cache holds after `fed` (the prefilled ids, then the generated ones) went through
         stream_generate, which leaves every layer holding a prefix of them, however generation ended."""
         held = self.cache[0].offset
         if self.cache[0].size != held:
-            self.reset(self.cache[0].max_size)  # a sliding window dropped positions: the ids no longer map
+            self.reset(options)  # a sliding window dropped positions: the ids no longer map
             return
         self.tokens = (self.tokens + list(fed))[:held]
 
@@ -63,10 +70,14 @@ class PromptCache:
 
         Stop consuming (or close the iterator) at any time: the cache stays consistent.
         """
-        max_size = cache_window(self.model, options)
-        if max_size != self.cache[0].max_size:
-            self.reset(max_size)
-        new = self.reuse(prompt)
+        if self.store is not None:
+            self.cache, cached = self.store.lookup(prompt, options)
+            self.tokens = list(prompt[:cached])
+            new = list(prompt[cached:])
+        else:
+            if not cache_fits(self.cache, self.model, options):
+                self.reset(options)
+            new = self.reuse(prompt)
         if stats is not None:
             stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
         generated: List[int] = []
@@ -79,7 +90,9 @@ class PromptCache:
                 yield response
         finally:
             responses.close()  # settles the cache first
-            self.sync(new + generated)
+            self.sync(new + generated, options)
+            if self.store is not None:
+                self.store.insert(self.tokens, self.cache)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Request threads (ThreadingHTTPServer) authenticate, read and validate requests, then hand a Job to
 the worker through a bounded queue (full: 503) and relay its tokens to the client. The worker alone
-touches MLX: it runs one generation at a time on a PromptCache, so a request that shares a prefix
-with the previous one (the same conversation, one turn longer) prefills only the rest.
+touches MLX: it runs one generation at a time on a PromptCache backed by a PrefixStore (an LRU of
+prefixes), so a request that shares a prefix with a recent one (its conversation, one turn longer)
+prefills only the rest, however many conversations are interleaved.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ import sys
 import threading
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Deque, Optional, TextIO
 
 import mlx.core as mx
 
-from .cli_args import add_draft_options, add_model_options, drafter_from_args, load_from_args
+from .cache import DEFAULT_KV_GROUP_SIZE
+from .cli_args import add_draft_options, add_kv_cache_options, add_model_options, drafter_from_args, load_from_args
 from .drafting import Drafter
 from .errors import OpenELMError
-from .generation import GenerationOptions, GenerationResponse
+from .generation import GenerationOptions, GenerationResponse, new_cache
 from .model import Model
 from .openai_api import (CHAT, COMPLETION, APIError, ParsedRequest, ServedModel, chunk_body, models_body, new_id,
                          now, parse_request, response_body, usage_body)
 from .prompt_cache import PromptCache, ReuseStats
+from .prompt_files import load_cache_dir, save_store
+from .prompt_store import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_ENTRIES, PrefixStore
 from .prompt_format import add_template_options, template_from_args
 from .tokenizer import Tokenizer
 
@@ -72,13 +77,17 @@ class Worker:
     """Owns the model: runs queued jobs one at a time, in the thread that calls `run`."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 draft: Optional[Drafter] = None, num_draft_tokens: Optional[int] = None):
+                 draft: Optional[Drafter] = None, num_draft_tokens: Optional[int] = None,
+                 store: Optional[PrefixStore] = None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = DEFAULT_KV_GROUP_SIZE):
         """`draft`: speculative decoding for every request that does not opt out ("speculative": false),
-        drafting `num_draft_tokens` per pass (None: GenerationOptions' default)."""
+        drafting `num_draft_tokens` per pass (None: GenerationOptions' default). `store`: the cached
+        prefixes (default: an empty PrefixStore of the default size); `kv_bits`: quantized KV caches."""
         self.tokenizer = tokenizer
         self.draft = draft
         self.num_draft_tokens = num_draft_tokens
-        self.prompt_cache = PromptCache(model)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.prompt_cache = PromptCache(model, store if store is not None else PrefixStore(model))
         self.jobs: "queue.Queue" = queue.Queue(maxsize=queue_size)
         self.records: Deque[JobRecord] = collections.deque(maxlen=1000)
 
@@ -120,6 +129,7 @@ class Worker:
             options = job.request.options
             if draft is not None and self.num_draft_tokens is not None:
                 options = replace(options, num_draft_tokens=self.num_draft_tokens)
+            options = replace(options, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
             responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, options, job.reuse,
                                                    continues_text=self._continues_text(job.request), draft=draft)
             try:
@@ -360,6 +370,15 @@ def register(subparsers) -> None:
     parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                         help="requests that may wait behind the running one; more get 503 (default %(default)s)")
     parser.add_argument("--model-id", help="the model's name in the API (default: the --model argument)")
+    parser.add_argument("--prompt-cache-bytes", type=byte_count, default=DEFAULT_PROMPT_CACHE_BYTES, metavar="BYTES",
+                        help="memory for cached conversation prefixes, e.g. 512M or 2G (default 1G); the least "
+                             "recently used go first")
+    parser.add_argument("--prompt-cache-entries", type=int, default=DEFAULT_PROMPT_CACHE_ENTRIES, metavar="N",
+                        help="most cached prefixes (default %(default)s)")
+    parser.add_argument("--prompt-cache-dir", metavar="DIR",
+                        help="load the prompt cache files in DIR at start (from cache-prompt or an earlier serve) "
+                             "and save the cached prefixes there on shutdown")
+    add_kv_cache_options(parser)
     add_draft_options(parser)
     parser.set_defaults(run=cmd_serve)
 
@@ -380,13 +399,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`openelm-mlx serve`: load the model, then serve until Ctrl-C; the worker runs in this thread."""
     if args.queue_size < 1:
         raise OpenELMError(f"--queue-size must be at least 1, got {args.queue_size}")
+    if args.prompt_cache_entries < 0:
+        raise OpenELMError(f"--prompt-cache-entries must be at least 0 (0 turns the cache off), got "
+                           f"{args.prompt_cache_entries}")
+    if args.prompt_cache_dir and Path(args.prompt_cache_dir).exists() and not Path(args.prompt_cache_dir).is_dir():
+        raise OpenELMError(f"--prompt-cache-dir {args.prompt_cache_dir} is not a directory")
     check_listen_address(args.host, args.port)  # before the slow load
     template = template_from_args(args)
     GenerationOptions(num_draft_tokens=args.num_draft_tokens)  # validates it before the slow load
     model, tokenizer = load_from_args(args)
     draft = drafter_from_args(args, model, tokenizer)
     served = ServedModel(args.model_id or args.model, tokenizer, template, model.args.max_context_length)
-    worker = Worker(model, tokenizer, queue_size=args.queue_size, draft=draft, num_draft_tokens=args.num_draft_tokens)
+    kv = GenerationOptions(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    new_cache(model, kv)  # refuses a --kv-group-size that does not divide the model's head_dim, before serving
+    store = PrefixStore(model, max_bytes=args.prompt_cache_bytes, max_entries=args.prompt_cache_entries)
+    if args.prompt_cache_dir:
+        for refused in load_cache_dir(args.prompt_cache_dir, store, kv):
+            print(f"openelm-mlx serve: warning: skipped {refused}", file=sys.stderr)
+    worker = Worker(model, tokenizer, queue_size=args.queue_size, draft=draft, num_draft_tokens=args.num_draft_tokens,
+                    store=store, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     try:
         server = OpenAIServer(worker, served, host=args.host,
                               port=args.port, api_key=args.api_key, log=sys.stderr)
@@ -400,4 +431,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.worker.run()  # the model stays in the thread that loaded it
     finally:
         server.close()
+        if args.prompt_cache_dir:
+            saved = save_store(store, args.prompt_cache_dir)
+            print(f"saved {len(saved)} cached prefixes to {args.prompt_cache_dir}", file=sys.stderr)
     return 0
+
+
+def byte_count(text: str) -> int:
+    """A size in bytes, with an optional K, M or G suffix (powers of 1024), for argparse."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if scale > 1 else text
+    if not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 1048576, 512M or 2G, got {text!r}")
+    return int(number) * scale

@@ -81,6 +81,13 @@ def _make_folder_with_notes(workdir: Path) -> None:
     (workdir / "notes" / "todo.txt").write_text("not a conversion output\n")
 
 
+CACHED_PREFIX = "The list data type has some more methods. Here are all of the methods of list objects:\n"
+
+
+def _write_prefix(workdir: Path) -> None:
+    (workdir / "list-intro.txt").write_text(CACHED_PREFIX)
+
+
 TOKENIZER = ("--tokenizer", "llama2-tokenizer.model")
 DOCS_TARGET = ("--model", "openelm-docs-target", *TOKENIZER)
 GREEDY_F32 = ("--dtype", "float32")
@@ -89,7 +96,7 @@ CONVERT_PROGRESS = r"(measuring sensitivity|converting): \d+/\d+ "
 EXAMPLES: Dict[str, Example] = {
     "help": Example((Step(("--help",)),)),
     **{f"help-{name}": Example((Step((name, "--help")),))
-       for name in ("generate", "chat", "serve", "convert", "bench")},
+       for name in ("generate", "chat", "serve", "convert", "bench", "cache-prompt")},
     "generate-greedy": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "To create a list, use",
                                       "--max-tokens", "32", "--quiet")),), needs_data=True),
     "generate-stop": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "Exceptions are",
@@ -109,6 +116,14 @@ EXAMPLES: Dict[str, Example] = {
                                               exit_status=2),), needs_data=True, setup=_make_existing_out),
     "error-convert-force-refused": Example((Step(("convert", "openelm-docs-target", "notes", "--bits", "4", "--force"),
                                                  exit_status=2),), needs_data=True, setup=_make_folder_with_notes),
+    "cache-prompt": Example((
+        Step(("cache-prompt", *DOCS_TARGET, *GREEDY_F32, "--prompt-file", "list-intro.txt", "--out",
+              "list-intro.safetensors")),
+        Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt-cache", "list-intro.safetensors", "--prompt",
+              CACHED_PREFIX + "list.append(x)", "--max-tokens", "24", "--quiet")),
+        Step(("generate", *DOCS_TARGET, "--dtype", "bfloat16", "--prompt-cache", "list-intro.safetensors",
+              "--prompt", CACHED_PREFIX, "--quiet"), exit_status=2),
+    ), needs_data=True, setup=_write_prefix),
     "convert-4bit": Example((
         Step(("convert", "openelm-docs-target", "docs-4bit", "--bits", "4", *TOKENIZER), elide=CONVERT_PROGRESS),
         Step(("generate", "--model", "docs-4bit", "--prompt", "To create a list, use", "--max-tokens", "24",
