@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import ModelArgs
+from .cpu_math import silu_times, softmax
 from .cpu_split import matmul_t
 
 Mask = Optional[Union[str, mx.array]]
@@ -64,7 +65,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(_project(self.proj_1, x), 2, axis=-1)  # the gate is the FIRST half
-        return _project(self.proj_2, nn.silu(gate) * up)
+        return _project(self.proj_2, silu_times(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -154,7 +155,7 @@ def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
     # Query head j reads kv head j // group: fold each group's queries into one matmul per kv head.
     scores = ((q * scale).reshape(B, nkv, group * T, hd) @ k.swapaxes(-1, -2)).reshape(B, nkv, group, T, S)
     causal = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
-    weights = mx.softmax(mx.where(causal, scores, -mx.inf), axis=-1, precise=True)
+    weights = softmax(mx.where(causal, scores, -mx.inf))
     return (weights.reshape(B, nkv, group * T, S) @ v).reshape(B, nq, T, hd)
 
 

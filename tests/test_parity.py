@@ -145,6 +145,25 @@ def test_causal_cpu_attention_avoids_the_slow_fused_op(case, monkeypatch):
     assert calls == []
 
 
+def test_float32_cpu_forward_avoids_mlx_exp(case, monkeypatch):
+    """MLX's CPU exp costs ~25-60 ns per element: a float32 CPU forward (prefill, then a verify pass)
+    computes SiLU and the attention softmax with openelm_mlx.cpu_math's kernels, never MLX's exp-based ops;
+    the tests above check those forwards against the reference."""
+    import mlx.nn as nn
+
+    from openelm_mlx.cache import make_cache
+
+    name, config, state, directory, ids, ref = case
+    model = load_model(directory, dtype="float32")
+    calls = []
+    for owner, op in ((mx, "exp"), (mx, "softmax"), (mx, "sigmoid"), (nn, "silu")):
+        monkeypatch.setattr(owner, op, lambda *args, op=op, **kwargs: calls.append(op))
+    cache = make_cache(len(model.layers))
+    with mx.stream(mx.cpu):
+        mx.eval(model(mx.array(ids[:, :9]), cache), model(mx.array(ids[:, 9:12]), cache))
+    assert calls == []
+
+
 @pytest.mark.parametrize("chunk", [3, 8])
 def test_chunked_causal_attention_matches_reference(case, monkeypatch, chunk):
     """Query chunks (uneven last one), each over only the keys it may see, on a fresh prompt and on a
