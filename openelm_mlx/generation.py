@@ -38,7 +38,8 @@ class GenerationOptions:
     # Speculative decoding (with a `draft`): tokens drafted per verify round, or "auto" (drafting.ADAPTIVE:
     # adapts to the acceptance, see drafting.AdaptiveDraftLength). 2: with docs-target and
     # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
-    # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
+    # 4+ tokens costs far more than over 3 on the CPU; "auto" was no faster (it climbs into those passes):
+    # see docs/generate.md#speculative-decoding and docs/bench.md#adaptive-k.
     num_draft_tokens: Union[int, str] = 2
 
     def __post_init__(self) -> None:
