@@ -80,10 +80,8 @@ def build_model(checkpoint: Checkpoint, dtype: mx.Dtype) -> Model:
 
 
 def build_mlx_lm_model(checkpoint: Checkpoint, dtype: mx.Dtype) -> nn.Module:
-    """mlx-lm's own OpenELM model on the same arrays (imported here: mlx_lm pulls transformers)."""
-    from mlx_lm.models import openelm
-
-    model = openelm.Model(openelm.ModelArgs.from_dict({**checkpoint.args.to_dict(), "model_type": "openelm"}))
+    """mlx-lm's own OpenELM model on the same arrays."""
+    model = mlx_lm_skeleton(checkpoint.args)
     quant = checkpoint.args.quantization
     if quant:
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
@@ -93,6 +91,13 @@ def build_mlx_lm_model(checkpoint: Checkpoint, dtype: mx.Dtype) -> nn.Module:
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def mlx_lm_skeleton(args: ModelArgs) -> nn.Module:
+    """mlx-lm's OpenELM model for `args`, its weights not yet loaded (imported here: mlx_lm pulls transformers)."""
+    from mlx_lm.models import openelm
+
+    return openelm.Model(openelm.ModelArgs.from_dict({**args.to_dict(), "model_type": "openelm"}))
 
 
 def parameter_bytes(model: nn.Module) -> int:

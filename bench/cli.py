@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..config import PRESETS
+from ..cli_args import DRAFT_LENGTH_HELP, draft_length_arg
 from ..drafting import PROMPT_LOOKUP_NGRAM
 from ..errors import InvalidOptionError
 from .runner import PAPER_GEN_TOKENS, PAPER_PROMPT, BenchSettings
@@ -58,8 +59,8 @@ def register(subparsers) -> None:
     which.add_argument("--prompt-lookup", nargs="?", type=int, const=PROMPT_LOOKUP_NGRAM, metavar="N",
                        help=f"also decode speculatively with prompt lookup (n-grams up to N, default "
                             f"{PROMPT_LOOKUP_NGRAM}); mlx-lm has none")
-    p.add_argument("--num-draft-tokens", type=int, metavar="K",
-                   help=f"tokens drafted per verify pass (default {d['num_draft_tokens']})")
+    p.add_argument("--num-draft-tokens", type=draft_length_arg, metavar="K|auto",
+                   help=DRAFT_LENGTH_HELP.format(default=d["num_draft_tokens"]))
     p.add_argument("--tokenizer", help="tokenizer.model for --paper when the model has none")
     p.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the records as a JSON array")

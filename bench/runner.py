@@ -12,13 +12,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
 from ..cache import make_cache
-from ..drafting import DraftModel, PromptLookup, Speculation
+from ..drafting import ADAPTIVE, DraftModel, PromptLookup, Speculation, check_num_draft_tokens
 from ..errors import InvalidOptionError
 from ..generation import GenerationOptions, decode_tokens
 from ..loading import DTYPES, default_dtype
@@ -49,15 +49,15 @@ class BenchSettings:
     warmup: int = 1
     vs_mlx_lm: bool = False
     seed: int = 0  # of the random prompt ids
-    num_draft_tokens: int = GenerationOptions.num_draft_tokens  # with a draft model or prompt lookup
+    num_draft_tokens: Union[int, str] = GenerationOptions.num_draft_tokens  # with a draft model or prompt lookup
     prompt_lookup: Optional[int] = None  # n-gram size: also decode speculatively with prompt lookup
 
     def __post_init__(self) -> None:
-        for name, lowest in (("prompt_tokens", 1), ("gen_tokens", 1), ("trials", 1), ("warmup", 0),
-                             ("num_draft_tokens", 1)):
+        for name, lowest in (("prompt_tokens", 1), ("gen_tokens", 1), ("trials", 1), ("warmup", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < lowest:
                 raise InvalidOptionError(f"{name.replace('_', '-')} must be an integer >= {lowest}, got {value!r}")
+        check_num_draft_tokens(self.num_draft_tokens)
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Measurement:
     weight_bytes: int
     trials: List[Trial] = field(default_factory=list)
     drafter: Optional[str] = None  # speculative: "draft NAME" or "prompt lookup N"
-    num_draft_tokens: Optional[int] = None
-    verify_cost: Optional[float] = None  # ours: a pass over num_draft_tokens + 1 tokens / a 1-token step
+    num_draft_tokens: Optional[Union[int, str]] = None
+    verify_cost: Optional[float] = None  # ours, fixed K: a pass over num_draft_tokens + 1 tokens / a 1-token step
 
     @property
     def config(self) -> str:
@@ -115,7 +115,7 @@ class Implementation:
     make_cache: Callable[[], list]
     tokens: Callable[[List[int], int, list], Iterator[int]]
     drafter: Optional[str] = None  # speculative: what drafts
-    num_draft_tokens: Optional[int] = None
+    num_draft_tokens: Optional[Union[int, str]] = None
     speculation: Optional[Speculation] = None  # ours speculative: the current trial's counters
 
 
@@ -133,7 +133,7 @@ def ours(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
 
 
 def ours_speculative(plain: Implementation, draft: Optional[Checkpoint], prompt_lookup: Optional[int],
-                     num_draft_tokens: int) -> Implementation:
+                     num_draft_tokens: Union[int, str]) -> Implementation:
     """Our `decode_tokens` loop decoding speculatively with `plain`'s model (shared, not a copy): drafting
     with `draft`'s model (in the same compute dtype) or, when `draft` is None, prompt lookup with n-grams
     up to `prompt_lookup`. Each trial starts a fresh drafter (a draft model's cache would otherwise
@@ -261,6 +261,9 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
                                  f"model's {context}-token context: lower --prompt-tokens or --gen-tokens")
     k = settings.num_draft_tokens
     speculative = draft is not None or settings.prompt_lookup is not None
+    if k == ADAPTIVE and settings.vs_mlx_lm and draft is not None:
+        raise InvalidOptionError(f"mlx-lm's speculative decoding drafts a fixed number of tokens: give a number, "
+                                 f"not --num-draft-tokens {ADAPTIVE}, with --vs-mlx-lm")
     impls = [ours(checkpoint, dtype)]
     if speculative:
         impls.append(ours_speculative(impls[0], draft, settings.prompt_lookup, k))
@@ -283,7 +286,7 @@ def measure(checkpoint: Checkpoint, settings: BenchSettings, *, dtype: Optional[
         for impl, result in pairs if n % 2 == 0 else pairs[::-1]:
             progress(f"trial {n + 1}/{settings.trials}: {impl.name}")
             result.trials.append(run_trial(impl, prompt, settings.gen_tokens, result.weight_bytes))
-    if speculative:
+    if speculative and k != ADAPTIVE:  # an adaptive K has no single verify pass to time
         progress(f"verify pass of {k + 1} tokens vs a 1-token step: {OURS}")
         results[1].verify_cost = verify_cost(impls[0].model, len(prompt), k + 1, settings.trials)
     del impls

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from .cache import KV_BITS, KV_GROUP_SIZES
-from .drafting import PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
+from .drafting import ADAPTIVE, PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
 from .generation import GenerationOptions, GenerationResponse
 from .loading import load
 from .model import Model
@@ -70,8 +70,23 @@ def add_draft_options(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--prompt-lookup", nargs="?", type=int, const=PROMPT_LOOKUP_NGRAM, metavar="N",
                        help=f"speculative decoding that drafts by matching the last N tokens (default "
                             f"{PROMPT_LOOKUP_NGRAM}) in the prompt and the text so far")
-    parser.add_argument("--num-draft-tokens", type=int, default=_DEFAULTS["num_draft_tokens"], metavar="K",
-                        help="tokens drafted per verify pass (default %(default)s)")
+    parser.add_argument("--num-draft-tokens", type=draft_length_arg, default=_DEFAULTS["num_draft_tokens"],
+                        metavar="K|auto", help=DRAFT_LENGTH_HELP.format(default=_DEFAULTS["num_draft_tokens"]))
+
+
+# --num-draft-tokens' help, shared with `bench`.
+DRAFT_LENGTH_HELP = (f"tokens drafted per verify pass, or {ADAPTIVE}: one more after a fully accepted round, one "
+                     "fewer after a rejection (default {default})")
+
+
+def draft_length_arg(text: str) -> Union[int, str]:
+    """--num-draft-tokens: ADAPTIVE or an integer (GenerationOptions checks that it is positive)."""
+    if text == ADAPTIVE:
+        return ADAPTIVE
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or {ADAPTIVE}, got {text!r}") from None
 
 
 def drafter_from_args(args: argparse.Namespace, model: Model, tokenizer: Tokenizer) -> Optional[Drafter]:

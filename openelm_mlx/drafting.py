@@ -12,9 +12,9 @@ target's own.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import List, Optional, Protocol, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -29,6 +29,11 @@ PROMPT_LOOKUP_NGRAM = 3
 DRAFT_PREFILL_STEP = 512
 # The smallest OpenELM drafts for the larger ones of the same variant (base or Instruct).
 AUTO_DRAFT_SIZE = "270M"
+# `num_draft_tokens` value that lets the draft length adapt to the acceptance (AdaptiveDraftLength).
+ADAPTIVE = "auto"
+# The adaptive draft length starts here and stays within 1..ADAPTIVE_MAX_DRAFT_TOKENS.
+ADAPTIVE_START_DRAFT_TOKENS = 2
+ADAPTIVE_MAX_DRAFT_TOKENS = 8
 _OPENELM_NAME = re.compile(r"OpenELM-(270M|450M|1_1B|3B)(-Instruct)?")
 
 
@@ -158,22 +163,65 @@ class DraftModel:
         return drafts, (mx.stack(distributions) if distributions else None)
 
 
+class AdaptiveDraftLength:
+    """How many tokens to draft next, following the acceptance: one more after a round whose drafts
+    were all accepted (up to `most`), one fewer after a round with a rejection (down to 1); a round
+    with nothing drafted (prompt lookup found no match) changes nothing. It settles where about half
+    the rounds are accepted whole, near ln(1/2) / ln(a) drafts for a per-token acceptance a (1 at
+    a = 0.5, 2 at 0.7, 6-7 at 0.9). It looks only at accept/reject outcomes, never at timings, so a
+    seeded run is reproducible and the output is unchanged (each round is exact whatever its length)."""
+
+    def __init__(self, start: int = ADAPTIVE_START_DRAFT_TOKENS, most: int = ADAPTIVE_MAX_DRAFT_TOKENS):
+        self.most = most
+        self.current = max(1, min(start, most))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.current = min(self.current + 1, self.most) if accepted == drafted else max(self.current - 1, 1)
+
+
+def check_num_draft_tokens(value: Union[int, str]) -> None:
+    """Refuse a `num_draft_tokens` that is neither a positive integer nor ADAPTIVE."""
+    if value != ADAPTIVE and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise InvalidOptionError(f"num_draft_tokens must be a positive integer or {ADAPTIVE!r} (adapts to the "
+                                 f"acceptance), got {value!r}")
+
+
 @dataclass
 class Speculation:
-    """Speculative decoding for one sequence: the drafter, how many tokens it drafts per round, and the
-    counters the decode loop keeps (drafted and accepted tokens, target passes, where the last token
-    came from)."""
+    """Speculative decoding for one sequence: the drafter, how many tokens it drafts per round (a fixed
+    K, or ADAPTIVE: AdaptiveDraftLength), and the counters the decode loop keeps (drafted and accepted
+    tokens, target passes, where the last token came from)."""
 
     drafter: Drafter
-    num_draft_tokens: int
+    num_draft_tokens: Union[int, str]
     drafted: int = 0
     accepted: int = 0
     target_passes: int = 0  # verify passes (each also yields one token of the target's own)
     last_from_draft: bool = False
+    adaptive: Optional[AdaptiveDraftLength] = field(init=False)  # the policy with ADAPTIVE, else None
+
+    def __post_init__(self) -> None:
+        check_num_draft_tokens(self.num_draft_tokens)
+        self.adaptive = AdaptiveDraftLength() if self.num_draft_tokens == ADAPTIVE else None
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_length(self) -> int:
+        """How many tokens the next round drafts."""
+        return self.adaptive.current if self.adaptive else self.num_draft_tokens
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        """Count one verify pass that checked `drafted` drafts and accepted `accepted` of them."""
+        self.drafted += drafted
+        self.accepted += accepted
+        self.target_passes += 1
+        if self.adaptive:
+            self.adaptive.update(drafted, accepted)
 
 
 def accept_drafts(p: mx.array, q: Optional[mx.array], drafts: Sequence[int],

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import DEFAULT_KEEP, DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVCache, make_cache
-from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
+from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts, check_num_draft_tokens
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
 from .sampling import make_repetition_penalty, make_sampler
@@ -35,10 +35,12 @@ class GenerationOptions:
     stop: Tuple[str, ...] = ()
     prefill_step: int = 512  # prompt tokens per forward pass
     sliding_window: bool = False  # keep going past the context by dropping old positions
-    # Speculative decoding (with a `draft`): tokens drafted per verify round. 2: with docs-target and
+    # Speculative decoding (with a `draft`): tokens drafted per verify round, or "auto" (drafting.ADAPTIVE:
+    # adapts to the acceptance, see drafting.AdaptiveDraftLength). 2: with docs-target and
     # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
-    # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
-    num_draft_tokens: int = 2
+    # 4+ tokens costs far more than over 3 on the CPU; "auto" was no faster (it climbs into those passes):
+    # see docs/generate.md#speculative-decoding and docs/bench.md#adaptive-k.
+    num_draft_tokens: Union[int, str] = 2
     # Quantized KV cache: keys and values stored in kv_bits (4 or 8; None: the model's dtype), with a
     # scale and bias per kv_group_size elements; quality and memory: docs/generate.md#quantized-kv-cache.
     kv_bits: Optional[int] = None
@@ -64,8 +66,6 @@ class GenerationOptions:
                                    and 0 <= self.seed < SEED_LIMIT),
              f"seed must be an integer from 0 to {SEED_LIMIT - 1}", self.seed),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
-            (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens > 0,
-             "num_draft_tokens must be a positive integer", self.num_draft_tokens),
             (self.kv_bits is None or self.kv_bits in KV_BITS,
              f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (None: no quantization)", self.kv_bits),
             (self.kv_group_size in KV_GROUP_SIZES,
@@ -74,6 +74,7 @@ class GenerationOptions:
         for ok, message, value in checks:
             if not ok:
                 raise InvalidOptionError(f"{message}, got {value!r}")
+        check_num_draft_tokens(self.num_draft_tokens)
 
     def scoring(self) -> Scoring:
         """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
@@ -313,7 +314,7 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
     draft_key = None
     if key is not None:
         key, draft_key = mx.random.split(key)
-    k = min(speculation.num_draft_tokens, remaining - 1)
+    k = min(speculation.draft_length, remaining - 1)
     drafts, q = speculation.drafter.propose(sequence, k, scoring, draft_key) if k > 0 else ([], None)
     drafts = [int(t) for t in drafts[:k]]
     if q is not None:
@@ -329,9 +330,7 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
         accepted, follow = accept_drafts(scoring.probabilities(logits), q, drafts, key)
     for layer_cache in cache:  # the rejected drafts leave the cache; the accepted ones stay
         layer_cache.trim(len(drafts) - accepted)
-    speculation.drafted += len(drafts)
-    speculation.accepted += accepted
-    speculation.target_passes += 1
+    speculation.record_round(len(drafts), accepted)
     return drafts[:accepted] + [follow], accepted
 
 

@@ -121,7 +121,7 @@ def test_plain_run_prints_a_table_without_mlx_lm(capsys, tiny_dir):
     (["--gen-tokens", "0"], "gen-tokens must be"),
     (["--json", "/nonexistent/dir/out.json"], "no such directory"),
     (["--num-draft-tokens", "2"], "--num-draft-tokens needs --draft-model or --prompt-lookup"),
-    (["--prompt-lookup", "--num-draft-tokens", "0"], "num-draft-tokens must be an integer >= 1"),
+    (["--prompt-lookup", "--num-draft-tokens", "0"], "num_draft_tokens must be a positive integer or 'auto'"),
     (["--draft-model", "synthetic:9B"], "unknown size '9B'"),
 ])
 def test_bad_options_are_one_line_errors(capsys, argv, needle):

@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import math
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_unflatten
 
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint
 from test_cli import run_main
+import openelm_mlx as om
 from openelm_mlx import ModelArgs
-from openelm_mlx.bench import system
-from openelm_mlx.bench.checkpoint import synthetic_checkpoint
+from openelm_mlx.bench import speculation_costs, system
+from openelm_mlx.bench.checkpoint import parameter_bytes, synthetic_checkpoint
 from openelm_mlx.bench.runner import BenchSettings, measure
+from openelm_mlx.synthetic import random_weights
 
 QUICK = ["--prompt-tokens", "6", "--gen-tokens", "9", "--trials", "1", "--warmup", "0", "--dtype", "float32"]
 SPECULATIVE_KEYS = {"drafter", "num_draft_tokens", "drafted_tokens", "accepted_tokens", "acceptance_rate",
@@ -120,3 +124,95 @@ def test_draft_with_another_vocabulary_is_a_clear_error(capsys, tiny_dirs, tmp_p
     other = write_hf_checkpoint(tmp_path / "other", config, random_state_dict(config, seed=1), dtype="float32")
     code, _, err = run_main(capsys, ["bench", "--model", str(target), "--draft-model", str(other), *QUICK])
     assert code == 2 and "vocabulary has 256 tokens but the target's has 320" in err and "Traceback" not in err
+
+
+def test_adaptive_draft_length_in_the_bench(capsys, tiny_dirs, tmp_path):
+    target, _ = tiny_dirs
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_main(capsys, ["bench", "--model", str(target), "--draft-model", str(target),
+                                       "--num-draft-tokens", "auto", *QUICK, "--json", str(out_json)])
+    assert code == 0, err
+    (r,) = _speculative_rows(json.loads(out_json.read_text()))
+    # The target drafting for itself accepts all: 9 tokens are the prefill's, 2 + 1, 3 + 1 (K grew), and one
+    # from a last pass with no room left to draft.
+    assert r["num_draft_tokens"] == "auto" and r["acceptance_rate"] == 1.0 and r["tokens_per_pass"] == 9 / 4
+    assert r["drafted_tokens"] == 5
+    assert r["verify_cost"] is None and r["same_tokens_as_plain"]  # no single K to time a pass of
+    assert "K=auto" in out
+
+
+def test_adaptive_draft_length_against_mlx_lm_is_a_clear_error(capsys, tiny_dirs):
+    target, draft = tiny_dirs
+    code, _, err = run_main(capsys, ["bench", "--model", str(target), "--draft-model", str(draft), "--vs-mlx-lm",
+                                     "--num-draft-tokens", "auto", *QUICK])
+    assert code == 2 and "mlx-lm's speculative decoding drafts a fixed number of tokens" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.7, 0.9, 1.0])
+def test_expected_tokens_per_round_is_the_sum_over_accepted_prefixes(rate):
+    # A round yields j + 1 tokens when the first j drafts are accepted: E = sum_{j<=k} rate^j.
+    for k in range(9):
+        assert speculation_costs.expected_tokens(rate, k) == pytest.approx(sum(rate ** j for j in range(k + 1)))
+
+
+def test_speedups_divide_expected_tokens_by_the_round_cost():
+    table = speculation_costs.speedups([1.1, 1.3], 0.1, [0.5])
+    assert table[0.5] == pytest.approx([1.5 / (1.1 + 0.1), 1.75 / (1.3 + 0.2)])
+
+
+@pytest.fixture
+def tiny_models():
+    """A tiny target and draft (random weights) as our Model."""
+    def build(layers, seed):
+        model = om.Model(ModelArgs.from_dict(tiny_config(num_layers=layers, vocab_size=320)))
+        model.update(tree_unflatten(list(random_weights(model.args, seed=seed).items())))
+        mx.eval(model.parameters())
+        return model
+    return build(3, 0), build(1, 1)
+
+
+def test_mlx_lm_gets_the_same_arrays_without_a_copy(tiny_models):
+    target, _ = tiny_models
+    before = mx.get_active_memory()
+    theirs = speculation_costs.mlx_lm_sharing(target)
+    mx.eval(theirs.parameters())
+    assert mx.get_active_memory() - before < parameter_bytes(target) / 10
+    ids = mx.array([[1, 7, 9, 11, 4]])
+    assert mx.allclose(theirs(ids), target(ids), atol=1e-4)  # the same weights, the same math
+
+
+def test_measure_costs_times_ours_and_mlx_lm_in_one_run(tiny_models):
+    target, draft = tiny_models
+    costs = speculation_costs.measure_costs(target, draft, max_k=3, context=8, repeats=1, vs_mlx_lm=True)
+    assert list(costs) == ["openelm-mlx", "mlx-lm"]
+    for c in costs.values():
+        assert len(c["verify"]) == 3
+        assert all(math.isfinite(v) and v > 0 for v in (*c["verify"], c["draft_step"], c["step_ms"]))
+
+
+def test_speculation_costs_command_prints_both_tables(capsys, monkeypatch, tmp_path):
+    tiny = ModelArgs.from_dict(tiny_config(num_layers=1, vocab_size=320))
+    monkeypatch.setattr(ModelArgs, "from_preset", classmethod(lambda cls, size: tiny))
+    out_json = tmp_path / "costs.json"
+    assert speculation_costs.main(["--max-k", "4", "--repeats", "1", "--context", "8", "--vs-mlx-lm",
+                                   "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "random weights cannot show real ones" in out
+    assert out.count("| 4 |") == 1 and out.count("best k") == 2  # k rows; one speedup table per implementation
+    record = json.loads(out_json.read_text())
+    ours = record["costs"]["openelm-mlx"]
+    assert record["target"] == "3B" and record["draft"] == "270M" and len(ours["verify"]) == 4
+    assert ours["speedups"]["0.9"] == pytest.approx(
+        speculation_costs.speedups(ours["verify"], ours["draft_step"], [0.9])[0.9])
+    for rate in ("0.5", "0.7", "0.9"):
+        assert f"| {rate} |" in out
+
+
+@pytest.mark.parametrize("argv, says", [(["--target", "5B"], "unknown size '5B'"),
+                                         (["--max-k", "0"], "must be positive"),
+                                         (["--rates", "1.5"], "between 0 and 1")])
+def test_speculation_costs_bad_options_exit_2(capsys, argv, says):
+    with pytest.raises(SystemExit) as exited:
+        speculation_costs.main(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err

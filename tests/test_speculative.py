@@ -12,7 +12,8 @@ import pytest
 from helpers import noisy_copy, random_state_dict, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
-from openelm_mlx.drafting import DraftModel, PromptLookup, Speculation
+from openelm_mlx.drafting import (ADAPTIVE, ADAPTIVE_MAX_DRAFT_TOKENS, ADAPTIVE_START_DRAFT_TOKENS,
+                                  AdaptiveDraftLength, DraftModel, PromptLookup, Speculation)
 from openelm_mlx.errors import InvalidOptionError
 from openelm_mlx.generation import decode_tokens
 
@@ -58,7 +59,7 @@ def drafter(models, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["noisy", "target", "small", "lookup"])
-@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("k", [1, 3, 7, ADAPTIVE])
 def test_greedy_equals_plain_greedy(models, name, k):
     drafted = accepted = 0
     for prompt in PROMPTS:
@@ -178,7 +179,7 @@ def test_a_batch_cannot_speculate(models):
                            speculation=Speculation(PromptLookup(), 4)))
 
 
-@pytest.mark.parametrize("value", [0, -1, 2.5])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "fast", "8"])
 def test_num_draft_tokens_is_validated(value):
     with pytest.raises(InvalidOptionError, match="num_draft_tokens"):
         GenerationOptions(num_draft_tokens=value)
@@ -192,3 +193,65 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup.propose([1, 2, 3], 4, scoring, None) == ([], None)
     with pytest.raises(InvalidOptionError, match="n-gram"):
         PromptLookup(max_ngram=0)
+
+
+class RecordingDrafter:
+    """A drafter that remembers how many tokens each round asked it for and, with a `speculation` to
+    watch, the drafted / accepted totals when it was asked (their steps give each round's outcome)."""
+
+    def __init__(self, inner):
+        self.inner, self.asked, self.totals, self.speculation = inner, [], [], None
+
+    def propose(self, ids, k, scoring, key):
+        self.asked.append(k)
+        if self.speculation is not None:
+            self.totals.append((self.speculation.drafted, self.speculation.accepted))
+        return self.inner.propose(ids, k, scoring, key)
+
+
+def test_adaptive_draft_length_grows_after_full_acceptance_and_shrinks_after_a_rejection():
+    policy = AdaptiveDraftLength(start=2, most=4)
+    rounds = [(2, 2), (3, 3), (4, 4), (4, 4), (4, 1), (3, 0), (2, 1), (1, 0), (0, 0), (1, 1)]
+    seen = []
+    for drafted, accepted in rounds:
+        policy.update(drafted, accepted)
+        seen.append(policy.current)
+    # Capped at 4, floored at 1; a round with nothing drafted (no lookup match) changes nothing.
+    assert seen == [3, 4, 4, 4, 3, 2, 1, 1, 1, 2]
+
+
+def test_adaptive_draft_length_climbs_to_its_cap_when_every_draft_is_accepted(models):
+    """The target as its own draft accepts everything: K goes 2, 3, ... up to the cap, then stays,
+    except where max_tokens cuts the last round short; the output is plain greedy decoding's."""
+    recorder = RecordingDrafter(DraftModel(models["target"]))
+    got = speculative(models, PROMPTS[0], recorder, max_tokens=60, num_draft_tokens=ADAPTIVE)
+    assert got.tokens == plain(models, PROMPTS[0], max_tokens=60).tokens
+    climb = list(range(ADAPTIVE_START_DRAFT_TOKENS, ADAPTIVE_MAX_DRAFT_TOKENS + 1))
+    assert recorder.asked[:len(climb)] == climb
+    assert set(recorder.asked[len(climb):-1]) == {ADAPTIVE_MAX_DRAFT_TOKENS}
+    assert got.stats.accepted_tokens == got.stats.drafted_tokens == sum(recorder.asked)
+
+
+@pytest.mark.parametrize("name", ["noisy", "lookup"])
+def test_adaptive_draft_length_changes_mid_generation_and_keeps_greedy_output(models, name):
+    """A draft that is sometimes rejected: K goes both up and down within one generation (the policy
+    rule checked round by round), and the tokens stay plain greedy decoding's."""
+    for prompt in PROMPTS:
+        inner = drafter(models, name)
+        recorder = RecordingDrafter(DraftModel(inner) if name == "noisy" else inner)
+        recorder.speculation = speculation = Speculation(recorder, ADAPTIVE)
+        ids = models["tok"].encode(prompt)
+        steps = decode_tokens(models["target"], mx.array([ids]), om.make_cache(len(models["target"].layers)),
+                              GenerationOptions(max_tokens=40), 40, speculation=speculation)
+        assert [t for (t,) in steps] == plain(models, ids, max_tokens=40).tokens
+        asked, totals = recorder.asked, recorder.totals
+        want = ADAPTIVE_START_DRAFT_TOKENS  # the rule, replayed independently of AdaptiveDraftLength
+        for r in range(len(asked)):
+            remaining = 40 - (1 + totals[r][1] + r)  # the first token, then accepted drafts + 1 per round
+            assert asked[r] == min(want, remaining - 1), (r, asked, totals)
+            if r + 1 < len(asked):
+                drafted, accepted = (totals[r + 1][0] - totals[r][0], totals[r + 1][1] - totals[r][1])
+                if drafted:
+                    want = min(want + 1, ADAPTIVE_MAX_DRAFT_TOKENS) if accepted == drafted else max(want - 1, 1)
+        if name == "noisy":
+            assert len(set(asked)) >= 2, asked

@@ -19,7 +19,7 @@ import pytest
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions, generation
-from openelm_mlx.drafting import DraftModel, PromptLookup, Speculation, accept_drafts
+from openelm_mlx.drafting import ADAPTIVE, AdaptiveDraftLength, DraftModel, PromptLookup, Speculation, accept_drafts
 from openelm_mlx.loading import load_model
 from openelm_mlx.sampling import filter_logits
 
@@ -33,35 +33,43 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec-sampling")
-    config = tiny_config(num_layers=2, model_dim=32, vocab_size=VOCAB)
+def make_pair(root, vocab_size, std=0.5):
+    """A tiny target and its draft over `vocab_size` tokens."""
+    config = tiny_config(num_layers=2, model_dim=32, vocab_size=vocab_size)
 
-    # std 0.5: peaked enough that the filters cut; the draft is the target plus noise (NOISE x its std), so
-    # it agrees often but not always (acceptance 0.3-0.7).
-    state = random_state_dict(config, seed=0, std=0.5)
-    noise = random_state_dict(config, seed=1, std=0.5)
+    # std 0.5 with 16 tokens (0.2 with 8): peaked enough that the filters cut; the draft is the target plus
+    # noise (NOISE x its std), so it agrees often but not always (acceptance 0.3-0.7).
+    state = random_state_dict(config, seed=0, std=std)
+    noise = random_state_dict(config, seed=1, std=std)
     draft_state = {k: v + NOISE * (noise[k] - (1.0 if v.ndim == 1 else 0.0)) for k, v in state.items()}
     return tuple(load_model(write_hf_checkpoint(root / name, config, weights), dtype="float32")
                  for name, weights in (("target", state), ("draft", draft_state)))
 
 
-def exact_distribution(model, options: GenerationOptions) -> np.ndarray:
-    """P(t1, t2, t3) [V, V, V] of plain sampling: every prefix scored by a full forward, the penalty in numpy."""
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("spec-sampling"), VOCAB)
+
+
+def exact_distribution(model, options: GenerationOptions, length: int = 3, prompt=PROMPT) -> np.ndarray:
+    """P(t1, ..., t_length) [V] * length of plain sampling after `prompt`: every prefix scored by a full
+    forward, the penalty in numpy."""
+    vocab = model.args.vocab_size
 
     def next_probs(rows):
         logits = np.array(model(mx.array(rows))[:, -1].astype(mx.float32))
-        for row, values in zip(rows, logits):
-            for t in set(row[-options.repetition_context_size:]):
-                values[t] = values[t] / options.repetition_penalty if values[t] > 0 else values[t] * options.repetition_penalty
+        seen = np.zeros(logits.shape, dtype=bool)  # [N, V]: the ids in each row's penalty window
+        seen[np.arange(len(rows))[:, None], np.array(rows)[:, -options.repetition_context_size:]] = True
+        penalised = np.where(logits > 0, logits / options.repetition_penalty, logits * options.repetition_penalty)
+        logits = np.where(seen, penalised, logits)
         filtered = filter_logits(mx.array(logits), options.temperature, options.top_k, options.top_p, options.min_p)
         return np.array(mx.softmax(filtered, axis=-1))
 
-    first = next_probs([PROMPT])[0]
-    second = next_probs([PROMPT + [a] for a in range(VOCAB)])  # [V, V]
-    third = next_probs([PROMPT + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
-    return first[:, None, None] * second[:, :, None] * third.reshape(VOCAB, VOCAB, VOCAB)
+    joint = np.ones(1)
+    for n in range(length):  # the prefixes in itertools.product order are the rows of joint, flattened
+        probs = next_probs([prompt + list(prefix) for prefix in itertools.product(range(vocab), repeat=n)])
+        joint = (joint[:, None] * probs).reshape(-1)
+    return joint.reshape((vocab,) * length)
 
 
 def sampled_counts(target, drafter, options: GenerationOptions) -> np.ndarray:
@@ -142,4 +150,47 @@ def test_prompt_lookup_sampling_matches_the_target(pair):
                                          speculation=Speculation(PromptLookup(), 2))
         _, (second,), (third,) = list(steps)
         counts[second, third] += 1
+    assert chi_square_z(counts, expected) < 3.3
+
+
+class CountingDraft(DraftModel):
+    """A draft model that records, for each round, how many tokens it was asked for and how many the
+    speculation had accepted before."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.asked, self.accepted_before, self.speculation = [], [], None
+
+    def propose(self, ids, k, scoring, key):
+        self.asked.append(k)
+        self.accepted_before.append(self.speculation.accepted)
+        return super().propose(ids, k, scoring, key)
+
+
+SMALL_VOCAB = 8  # 5 tokens: the exact distribution scores 8^4 prefixes
+SMALL_PROMPT = [1, 5, 3, 5]
+SMALL_DRAWS = 1000  # 64 cells
+
+
+@pytest.mark.slow
+def test_adaptive_draft_length_keeps_the_target_distribution(tmp_path):
+    """K changes between rounds with the outcome of the previous one: 5 tokens, the first round drafts
+    2; after a rejection of its first draft the next round drafts 1, where a fixed K would draft 2 (3
+    tokens remain). The joint distribution of the last two tokens is still the target's."""
+    target, draft = make_pair(tmp_path, SMALL_VOCAB, std=0.2)
+    options = GenerationOptions(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.5)
+    expected = exact_distribution(target, options, length=5, prompt=SMALL_PROMPT).sum(axis=(0, 1, 2))  # (t4, t5)
+    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
+    shrunk = 0
+    for seed in range(SMALL_DRAWS):
+        drafter = CountingDraft(draft)
+        speculation = drafter.speculation = Speculation(drafter, ADAPTIVE)
+        speculation.adaptive = AdaptiveDraftLength(start=2, most=2)
+        steps = generation.decode_tokens(target, mx.array([SMALL_PROMPT]), om.make_cache(len(target.layers)),
+                                         replace(options, seed=seed), 5, speculation=speculation)
+        *_, (fourth,), (fifth,) = list(steps)
+        counts[fourth, fifth] += 1
+        # The first draft rejected (nothing accepted before round 2), then a round of 1.
+        shrunk += drafter.asked[:2] == [2, 1] and drafter.accepted_before[1] == 0
+    assert shrunk > SMALL_DRAWS // 20  # the adaptive length really changed K in many runs
     assert chi_square_z(counts, expected) < 3.3

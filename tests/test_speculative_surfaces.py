@@ -59,9 +59,10 @@ def generate_args(dirs, *extra):
 
 
 @pytest.mark.parametrize("flags", [["--draft-model", "draft"], ["--prompt-lookup"], ["--prompt-lookup", "2"]])
-def test_generate_with_a_drafter_prints_the_plain_text_and_the_acceptance(dirs, lm, capsys, flags):
+@pytest.mark.parametrize("k", ["3", "auto"])
+def test_generate_with_a_drafter_prints_the_plain_text_and_the_acceptance(dirs, lm, capsys, flags, k):
     flags = [str(dirs[f]) if f in dirs else f for f in flags]
-    code, out, err = run_cli(capsys, *generate_args(dirs, *flags, "--num-draft-tokens", "3"))
+    code, out, err = run_cli(capsys, *generate_args(dirs, *flags, "--num-draft-tokens", k))
     assert code == 0, err
     want = om.generate(*lm, PROMPT, GenerationOptions(max_tokens=20)).text
     assert out == want + "\n"
@@ -85,6 +86,11 @@ def test_bad_draft_options_are_one_line_errors(dirs, capsys, extra, says):
     code, _, err = run_cli(capsys, *generate_args(dirs, *extra))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and says in lines[0], err
+
+
+def test_num_draft_tokens_is_a_number_or_auto(dirs, capsys):
+    code, _, err = run_cli(capsys, *generate_args(dirs, "--prompt-lookup", "--num-draft-tokens", "many"))
+    assert code == 2 and "--num-draft-tokens: expected a positive integer or auto, got 'many'" in err
 
 
 def test_draft_model_and_prompt_lookup_exclude_each_other(dirs, capsys):
