@@ -117,3 +117,17 @@ def make_cache(num_layers: int, *, max_size: Optional[int] = None, keep: int = D
     """One KVCache per layer. `max_size` turns on the sliding window; `left_padding` marks a padded batch."""
     pads = None if left_padding is None else mx.array(list(left_padding), dtype=mx.int32)
     return [KVCache(max_size=max_size, keep=keep, left_padding=pads) for _ in range(num_layers)]
+
+
+class RowCaches:
+    """One layer's caches for a step of a continuous batch: row b of the batch is one sequence with its
+    own KVCache (B = 1) of its own length. The model attends each row over its own cache, exactly as
+    when that sequence runs alone, so no row is padded and none waits for another's prompt."""
+
+    def __init__(self, rows: Sequence[KVCache]):
+        self.rows = list(rows)
+
+    @property
+    def positions(self) -> mx.array:
+        """[B] int32: each row's RoPE position for its next token."""
+        return mx.array([row.offset for row in self.rows], dtype=mx.int32)

@@ -23,7 +23,7 @@ import pytest
 from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
-from openelm_mlx import generation
+from openelm_mlx import sampling
 from openelm_mlx.generation import SEED_LIMIT, StopMatcher
 from openelm_mlx.sampling import make_repetition_penalty, make_sampler
 
@@ -244,7 +244,7 @@ def test_repetition_penalty_window_stays_fixed_size(lm, monkeypatch):
 
         return record
 
-    monkeypatch.setattr(generation, "make_repetition_penalty", recording_penalty)
+    monkeypatch.setattr(sampling, "make_repetition_penalty", recording_penalty)
     ids = tok.encode(PROMPTS[-1])
     assert len(ids) > 6
     result = greedy(model, tok, ids, max_tokens=14, repetition_penalty=1.5, repetition_context_size=6)
@@ -580,8 +580,6 @@ def test_batch_refuses_bad_input(lm):
         om.batch_generate(model, tok, [])
     with pytest.raises(ValueError):
         om.batch_generate(model, tok, [PROMPTS[0], []])
-    with pytest.raises(ValueError, match="sliding"):
-        om.batch_generate(model, tok, [PROMPTS[0]], GenerationOptions(sliding_window=True))
 
 
 # ---------------------------------------------------------------------------- cache reuse

@@ -21,7 +21,8 @@ from openelm_mlx import GenerationOptions
 from openelm_mlx.cli import main
 from openelm_mlx.openai_api import CHAT, ServedModel, parse_request
 from openelm_mlx.prompt_format import ZEPHYR, conversation_ids
-from openelm_mlx.server import Handler, OpenAIServer, Worker
+from openelm_mlx.engine import Engine
+from openelm_mlx.server import Handler, OpenAIServer
 
 openai = pytest.importorskip("openai")
 
@@ -43,7 +44,7 @@ def start_server(lm, **kw) -> OpenAIServer:
     model, tok = lm
     queue_size = kw.pop("queue_size", 16)
     served = ServedModel(MODEL_ID, tok, ZEPHYR, model.args.max_context_length)
-    return OpenAIServer(Worker(model, tok, queue_size=queue_size), served, host="127.0.0.1", port=0,
+    return OpenAIServer(Engine(model, tok, queue_size=queue_size), served, host="127.0.0.1", port=0,
                         **kw).start(with_worker=True)
 
 
@@ -523,7 +524,7 @@ def test_serve_command_shuts_down_through_close(checkpoint, monkeypatch, capsys)
     closed = []
     close = OpenAIServer.close
     monkeypatch.setattr(OpenAIServer, "close", lambda self: (closed.append(self), close(self)))
-    monkeypatch.setattr(Worker, "run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(Engine, "run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["serve", "--model", str(checkpoint), "--dtype", "float32", "--port", "0"]) == 130
     assert len(closed) == 1 and not any(t.is_alive() for t in closed[0]._service_threads)
     assert "interrupted" in capsys.readouterr().err
