@@ -19,9 +19,9 @@ from serving import REPO, cli_command, cli_env, tiny_chat_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.cli import main
+from openelm_mlx.engine import Engine
 from openelm_mlx.openai_api import CHAT, ServedModel, parse_request
 from openelm_mlx.prompt_format import ZEPHYR, conversation_ids
-from openelm_mlx.engine import Engine
 from openelm_mlx.server import Handler, OpenAIServer
 
 openai = pytest.importorskip("openai")
@@ -42,9 +42,10 @@ def lm(checkpoint):
 
 def start_server(lm, **kw) -> OpenAIServer:
     model, tok = lm
-    queue_size = kw.pop("queue_size", 16)
+    sizes = {name: kw.pop(name) for name in ("queue_size", "max_batch") if name in kw}  # else the engine's defaults
+    engine = Engine(model, tok, **sizes)
     served = ServedModel(MODEL_ID, tok, ZEPHYR, model.args.max_context_length)
-    return OpenAIServer(Engine(model, tok, queue_size=queue_size), served, host="127.0.0.1", port=0,
+    return OpenAIServer(engine, served, host="127.0.0.1", port=0,
                         **kw).start(with_worker=True)
 
 
@@ -358,7 +359,7 @@ def test_api_key(lm):
 
 
 def test_a_full_queue_answers_503_and_the_waiting_request_still_completes(lm):
-    server = start_server(lm, queue_size=1)
+    server = start_server(lm, queue_size=1, max_batch=1)  # one running, one waiting, the third refused
     try:
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": LONG, "stream": True}).encode()
         running = socket.create_connection(("127.0.0.1", server.port), timeout=60)
