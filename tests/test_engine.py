@@ -11,7 +11,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
+from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_checkpoints
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.cache import RowCaches, make_cache
@@ -33,12 +33,7 @@ EOS = 2
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, spm_model):
     """The same tiny float32 weights with the default context (2048) and a 32-token one."""
-    root = tmp_path_factory.mktemp("engine")
-    config = tiny_config(tied=False)
-    state = text_only_state(config, spm_model)
-    big = write_hf_checkpoint(root / "ctx2048", config, state)
-    small = write_hf_checkpoint(root / "ctx32", tiny_config(tied=False, max_context_length=SMALL_CONTEXT), state)
-    return big, small
+    return text_checkpoints(tmp_path_factory.mktemp("engine"), spm_model, SMALL_CONTEXT)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
-from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
+from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_checkpoints
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
 from openelm_mlx import sampling
@@ -36,12 +36,7 @@ EOS = 2
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, spm_model):
     """Two checkpoints with the same weights: the default context (2048) and a 32-token one."""
-    root = tmp_path_factory.mktemp("gen")
-    config = tiny_config(tied=False)
-    state = text_only_state(config, spm_model)
-    big = write_hf_checkpoint(root / "ctx2048", config, state)
-    small = write_hf_checkpoint(root / "ctx32", tiny_config(tied=False, max_context_length=SMALL_CONTEXT), state)
-    return big, small
+    return text_checkpoints(tmp_path_factory.mktemp("gen"), spm_model, SMALL_CONTEXT)
 
 
 @pytest.fixture(scope="module")
