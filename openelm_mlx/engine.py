@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Deque, List, Optional, Sequence
+from typing import Deque, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -192,21 +192,40 @@ class Engine:
         prompt, options = job.request.prompt_ids, job.request.options
         if not prompt:
             raise InvalidOptionError("the prompt is empty: give at least one token")
+        cache, context = self._take_cache(prompt, options)
+        new_ids = list(prompt[len(context):])
+        room = context_room(self.model, len(new_ids), cache, options.sliding_window)
+        job.reuse.cached_tokens, job.reuse.prefilled_tokens = len(context), len(new_ids)
+        limit = options.max_tokens if room is None else min(options.max_tokens, room)
+        completion = CompletionText(self.tokenizer, options.stop, continues_text=self._continues_text(job))
+        return _Row(job, cache, context, list(new_ids), options, limit,
+                    room is not None and room < options.max_tokens, completion)
+
+    def _continues_text(self, job: Job) -> bool:
+        """Whether the completion's first word keeps its space. decode() drops it at the start of a text, but
+        a completion continues its prompt: prompt + completion must read as decode(prompt + completion
+        ids), e.g. "Once upon a time" + " there"."""
+        if job.continues_text is not None:
+            return job.continues_text
+        return job.request.kind == COMPLETION and self.tokenizer.decode(job.request.prompt_ids) != ""
+
+    def _take_cache(self, prompt: Sequence[int], options: GenerationOptions) -> Tuple[List[KVCache], List[int]]:
+        """A cache for `prompt` and the ids it holds (a prefix of `prompt`, never all of it): the remembered
+        conversation's cache trimmed to what it shares with `prompt`, or an empty one. The row owns it
+        until it ends (`_give_back`)."""
         max_size = cache_window(self.model, options)
         if max_size != self.prompt_cache.cache[0].max_size:
             self.prompt_cache.reset(max_size)
-        new_ids = self.prompt_cache.reuse(prompt)  # the remembered conversation's cache, trimmed
+        self.prompt_cache.reuse(prompt)  # trims the cache to the common prefix
         cache, context = self.prompt_cache.cache, list(self.prompt_cache.tokens)
-        room = context_room(self.model, len(new_ids), cache, options.sliding_window)
-        self.prompt_cache.reset(max_size)  # the row owns that cache now; it comes back when the row ends
-        job.reuse.cached_tokens, job.reuse.prefilled_tokens = len(context), len(new_ids)
-        limit = options.max_tokens if room is None else min(options.max_tokens, room)
-        continues_text = job.continues_text
-        if continues_text is None:
-            continues_text = job.request.kind == COMPLETION and self.tokenizer.decode(prompt) != ""
-        completion = CompletionText(self.tokenizer, options.stop, continues_text=continues_text)
-        return _Row(job, cache, context, list(new_ids), options, limit,
-                    room is not None and room < options.max_tokens, completion)
+        self.prompt_cache.reset(max_size)  # lent to the row: the next request does not share it meanwhile
+        return cache, context
+
+    def _give_back(self, row: _Row) -> None:
+        """A finished row's cache becomes the remembered conversation. It holds the row's context and
+        every fed id: the prompt and the generated tokens but the last."""
+        self.prompt_cache.cache, self.prompt_cache.tokens = row.cache, list(row.context)
+        self.prompt_cache.sync(row.fed)
 
     def _guarded(self, rows: List[_Row], action) -> None:
         """Run `action(rows)`; if it fails, those rows end with a 500 (their caches are dropped)."""
@@ -273,12 +292,10 @@ class Engine:
         self._finish(row, response.finish_reason)
 
     def _finish(self, row: _Row, reason: str, *, keep_cache: bool = True) -> None:
-        """Take `row` out of the batch; its cache becomes the remembered conversation."""
+        """Take `row` out of the batch; its cache goes back to the prompt cache unless it failed."""
         self._rows.remove(row)
         if keep_cache:
-            # The cache holds the context and every fed id: the prompt and the generated tokens but the last.
-            self.prompt_cache.cache, self.prompt_cache.tokens = row.cache, list(row.context)
-            self.prompt_cache.sync(row.fed)
+            self._give_back(row)
         self._close(row.job, reason, row.stats.generation_tokens)
 
     def _close(self, job: Job, reason: str, generated: int, drafted: int = 0, accepted: int = 0) -> None:
@@ -292,11 +309,8 @@ class Engine:
             options = job.request.options
             if self.num_draft_tokens is not None:
                 options = replace(options, num_draft_tokens=self.num_draft_tokens)
-            continues_text = job.continues_text
-            if continues_text is None:
-                continues_text = job.request.kind == COMPLETION and self.tokenizer.decode(job.request.prompt_ids) != ""
             responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, options, job.reuse,
-                                                   continues_text=continues_text, draft=self.draft)
+                                                   continues_text=self._continues_text(job), draft=self.draft)
             try:
                 for response in responses:
                     last = response
