@@ -21,7 +21,7 @@ _EXPORTS = {
     "ConfigError": "errors", "ContextLengthError": "errors", "LoadError": "errors", "OpenELMError": "errors",
     "TokenizerNotFoundError": "errors",
     "GenerationOptions": "generation", "GenerationResponse": "generation", "GenerationResult": "generation",
-    "batch_generate": "generation", "generate": "generation", "stream_generate": "generation",
+    "batch_generate": "engine", "generate": "generation", "stream_generate": "generation",
     "load": "loading",
     "Model": "model",
     "Tokenizer": "tokenizer",

@@ -246,3 +246,17 @@ def make_cache(num_layers: int, *, max_size: Optional[int] = None, keep: int = D
         return [KVCache(max_size=max_size, keep=keep, left_padding=pads) for _ in range(num_layers)]
     return [QuantizedKVCache(max_size=max_size, keep=keep, left_padding=pads, bits=kv_bits, group_size=kv_group_size)
             for _ in range(num_layers)]
+
+
+class RowCaches:
+    """One layer's caches for a step of a continuous batch: row b of the batch is one sequence with its
+    own KVCache (B = 1) of its own length. The model attends each row over its own cache, exactly as
+    when that sequence runs alone, so no row is padded and none waits for another's prompt."""
+
+    def __init__(self, rows: Sequence[KVCache]):
+        self.rows = list(rows)
+
+    @property
+    def positions(self) -> mx.array:
+        """[B] int32: each row's RoPE position for its next token."""
+        return mx.array([row.offset for row in self.rows], dtype=mx.int32)

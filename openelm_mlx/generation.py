@@ -1,4 +1,4 @@
-"""Text generation: options, the pipelined decode loop, streaming with stop strings, batches."""
+"""Text generation: options, the pipelined one-sequence decode loop, streaming with stop strings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .cache import DEFAULT_KEEP, DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES,
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts, check_num_draft_tokens
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
-from .sampling import make_repetition_penalty, make_sampler
+from .sampling import SequenceSampler
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -75,6 +75,12 @@ class GenerationOptions:
             if not ok:
                 raise InvalidOptionError(f"{message}, got {value!r}")
         check_num_draft_tokens(self.num_draft_tokens)
+
+    def sequence_sampler(self, seen: Optional[mx.array] = None) -> SequenceSampler:
+        """A fresh `SequenceSampler` for one sequence (or a batch sharing these options) that has seen the
+        ids `seen` [B, N] so far."""
+        return SequenceSampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                               self.repetition_context_size, self.seed, seen)
 
     def scoring(self) -> Scoring:
         """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
@@ -235,30 +241,12 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     if speculation is not None and ids.shape[0] != 1:
         raise InvalidOptionError("speculative decoding works on one sequence at a time, not on a batch")
     scoring = options.scoring()
-    sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.min_p)
-    penalty = (make_repetition_penalty(options.repetition_penalty, options.repetition_context_size)
-               if options.repetition_penalty != 1.0 else None)
-    key = mx.random.key(options.seed) if options.seed is not None else None
-    window_size = options.repetition_context_size
-    window = None  # [B, <= window_size]: the ids the penalty looks at
-    if penalty is not None:
-        seen = ids if history is None else mx.concatenate([history.astype(ids.dtype), ids], axis=1)
-        window = seen[:, max(0, seen.shape[1] - window_size):]
+    seen = ids if history is None else mx.concatenate([history.astype(ids.dtype), ids], axis=1)
+    sample = options.sequence_sampler(seen)
 
     def step(new_ids: mx.array) -> mx.array:
-        nonlocal key, window
         hidden = model.hidden(new_ids, cache)
-        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
-        if penalty is not None:
-            logits = penalty(window, logits)
-        sub = None
-        if key is not None:
-            key, sub = mx.random.split(key)
-        token = sampler(logits, sub)
-        if penalty is not None:  # a fixed-size window: drop the oldest id once it is full
-            kept = window[:, max(0, window.shape[1] + 1 - window_size):]
-            window = mx.concatenate([kept, token[:, None].astype(window.dtype)], axis=1)
-        return token
+        return sample(model.logits(hidden[:, -1, :]).astype(mx.float32))  # only the last position's logits
 
     held_before, prompt_len = cache[0].offset, ids.shape[1]
     prefilled, delivered = False, 0
@@ -285,9 +273,7 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                     if delivered == limit:
                         return
                 sequence += pending
-                round_key = None
-                if key is not None:
-                    key, round_key = mx.random.split(key)
+                round_key = sample.next_key()
                 pending, from_draft = _verify_round(model, cache, sequence, scoring, speculation,
                                                     limit - delivered, round_key)
         for n in range(1, limit + 1):
@@ -438,41 +424,3 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             tokens.append(last.token)
     return GenerationResult("".join(text), tokens, last.finish_reason, last)
 
-
-def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-                   options: Optional[GenerationOptions] = None) -> List[GenerationResult]:
-    """Generate for several prompts at once (left-padded). Greedy rows equal their solo runs."""
-    options = options or GenerationOptions()
-    if options.sliding_window:
-        raise ValueError("batch_generate does not support the sliding window")
-    rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    if not rows or not all(rows):
-        raise ValueError("batch_generate needs at least one prompt, and no prompt may be empty")
-    width = max(len(r) for r in rows)
-    limit = min(options.max_tokens, context_room(model, width, None, False))
-    pads = [width - len(r) for r in rows]
-    ids = mx.array([[0] * pad + r for pad, r in zip(pads, rows)])  # pad id is never attended to
-    cache = make_cache(len(model.layers), left_padding=pads, kv_bits=options.kv_bits,
-                       kv_group_size=options.kv_group_size)
-    completions = [CompletionText(tokenizer, options.stop) for _ in rows]
-    texts: List[List[str]] = [[] for _ in rows]
-    out_tokens: List[List[int]] = [[] for _ in rows]
-    finish: List[Optional[str]] = [None] * len(rows)
-    for n, step_tokens in enumerate(decode_tokens(model, ids, cache, options, limit), 1):
-        for i, token in enumerate(step_tokens):
-            if finish[i]:
-                continue
-            out_tokens[i].append(token)
-            text, ended = completions[i].add(token)
-            finish[i] = "stop" if ended else None
-            texts[i].append(text)
-        if all(finish):
-            break
-    results = []
-    for i in range(len(rows)):
-        if not finish[i]:
-            texts[i].append(completions[i].finish())
-        stats = GenerationResponse(text="", token=-1, prompt_tokens=len(rows[i]),
-                                   generation_tokens=len(out_tokens[i]))
-        results.append(GenerationResult("".join(texts[i]), out_tokens[i], finish[i] or "length", stats))
-    return results

@@ -10,7 +10,7 @@ from typing import List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache
+from .cache import KVCache, RowCaches
 from .config import ModelArgs
 from .cpu_math import silu_times, softmax
 from .cpu_split import matmul_t
@@ -38,7 +38,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: Optional[KVCache],
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Union[KVCache, RowCaches]],
                  positions: Union[int, mx.array]) -> mx.array:
         B, T, _ = x.shape
         nq, nkv = self.num_query_heads, self.num_kv_heads
@@ -50,9 +50,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, T, hd]
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = _attention(q, k, v, self.scale, mask)
+        if isinstance(cache, RowCaches):  # a continuous batch: each row attends over its own cache
+            out = mx.concatenate([_attention(q[b:b + 1], *row.update_and_fetch(k[b:b + 1], v[b:b + 1]),
+                                             self.scale, mask) for b, row in enumerate(cache.rows)])
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = _attention(q, k, v, self.scale, mask)
         return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
 
 
@@ -76,7 +80,7 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.ffn = FeedForward(args, layer)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: Optional[KVCache], positions) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Union[KVCache, RowCaches]], positions) -> mx.array:
         h = x + self.attn(self.attn_norm(x), mask, cache, positions)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -88,7 +92,7 @@ class Transformer(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_transformer_layers)]
         self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, ids: mx.array, cache: Optional[List[KVCache]]) -> mx.array:
+    def __call__(self, ids: mx.array, cache: Optional[List[Union[KVCache, RowCaches]]]) -> mx.array:
         h = self.token_embeddings(ids)
         first = cache[0] if cache else None
         positions = _positions(first)
@@ -159,16 +163,22 @@ def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
     return (weights.reshape(B, nkv, group * T, S) @ v).reshape(B, nq, T, hd)
 
 
-def _positions(cache: Optional[KVCache]) -> Union[int, mx.array]:
-    """RoPE offset of the first new token: the cache's position, per row when left-padded."""
+def _positions(cache: Optional[Union[KVCache, RowCaches]]) -> Union[int, mx.array]:
+    """RoPE offset of the first new token: the cache's position, per row when left-padded or rows."""
     if cache is None:
         return 0
+    if isinstance(cache, RowCaches):
+        return cache.positions
     if cache.left_padding is None:
         return cache.offset
     return cache.offset - cache.left_padding  # [B]; pad tokens get negative positions and are masked
 
 
-def _attention_mask(num_new: int, cache: Optional[KVCache]) -> Mask:
+def _attention_mask(num_new: int, cache: Optional[Union[KVCache, RowCaches]]) -> Mask:
+    if isinstance(cache, RowCaches):
+        if num_new != 1:
+            raise ValueError("a continuous batch steps one token per row; prefill each row on its own cache")
+        return None
     if cache is None or cache.left_padding is None:
         return "causal" if num_new > 1 else None  # "causal" aligns the last query with the last key
     # Left-padded batch: row b may not attend to its first left_padding[b] positions. A pad

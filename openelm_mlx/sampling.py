@@ -113,3 +113,46 @@ def make_repetition_penalty(penalty: float, context_size: int) -> LogitsProcesso
         return mx.put_along_axis(logits, recent, chosen, axis=-1)
 
     return apply
+
+
+class SequenceSampler:
+    """One sequence's next-token choice: the repetition penalty over its own window of ids, its own
+    sampler, and its own random key stream.
+
+    With a seed, the n-th draw uses the n-th split of `mx.random.key(seed)`, a key no other sequence
+    touches: a seeded sequence draws the same numbers whatever batch it shares and however its prompt
+    was prefilled (cached or not, in whatever chunks). Rows are sampled one by one, so a batch's rows
+    may each have their own settings; the decode loop and the batching engine both use this class.
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
+                 repetition_context_size: int, seed: Optional[int], seen: Optional[mx.array] = None):
+        """`seen` [B, N]: ids before the first sampled token (the penalty looks at their last ones)."""
+        self._sampler = make_sampler(temperature, top_k, top_p, min_p)
+        self._penalty = (make_repetition_penalty(repetition_penalty, repetition_context_size)
+                         if repetition_penalty != 1.0 else None)
+        self._window_size = repetition_context_size
+        self._key = mx.random.key(seed) if seed is not None else None
+        self._window = None  # [B, <= window size]: the ids the penalty looks at
+        if self._penalty is not None and seen is not None:
+            self._window = seen[:, max(0, seen.shape[1] - repetition_context_size):]
+
+    def next_key(self) -> Optional[mx.array]:
+        """The next key of this sequence's stream (None without a seed: MLX's global random state)."""
+        if self._key is None:
+            return None
+        self._key, sub = mx.random.split(self._key)
+        return sub
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """The next tokens [B] for float32 `logits` [B, V]; the penalty window then takes them in."""
+        if self._penalty is not None and self._window is not None:
+            logits = self._penalty(self._window, logits)
+        token = self._sampler(logits, self.next_key())
+        if self._penalty is not None:  # a fixed-size window: drop the oldest id once it is full
+            if self._window is None:
+                self._window = token[:, None]
+            else:
+                kept = self._window[:, max(0, self._window.shape[1] + 1 - self._window_size):]
+                self._window = mx.concatenate([kept, token[:, None].astype(self._window.dtype)], axis=1)
+        return token

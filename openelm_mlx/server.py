@@ -1,16 +1,15 @@
-"""`openelm-mlx serve`: an OpenAI-compatible HTTP server (stdlib http.server, one worker owning the model).
+"""`openelm-mlx serve`: an OpenAI-compatible HTTP server (stdlib http.server, one Engine owning the model).
 
 Request threads (ThreadingHTTPServer) authenticate, read and validate requests, then hand a Job to
-the worker through a bounded queue (full: 503) and relay its tokens to the client. The worker alone
-touches MLX: it runs one generation at a time on a PromptCache backed by a PrefixStore (an LRU of
-prefixes), so a request that shares a prefix with a recent one (its conversation, one turn longer)
-prefills only the rest, however many conversations are interleaved.
+the engine through a bounded queue (full: 503) and relay its tokens to the client. The engine alone
+touches MLX: it decodes up to --max-batch requests together (engine.py), each starting from the
+longest prefix it shares with a cached one (a PrefixStore, an LRU of prefixes), so a request that
+continues a recent conversation prefills only the rest, however many conversations interleave.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import errno
 import hmac
 import json
@@ -19,142 +18,29 @@ import selectors
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Deque, Optional, TextIO
+from typing import Optional, TextIO
 
-import mlx.core as mx
-
-from .cache import DEFAULT_KV_GROUP_SIZE
 from .cli_args import add_draft_options, add_kv_cache_options, add_model_options, drafter_from_args, load_from_args
-from .drafting import Drafter
+from .engine import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, DEFAULT_QUEUE_SIZE, DONE, Engine, Job
 from .errors import OpenELMError
-from .generation import GenerationOptions, GenerationResponse, new_cache
-from .model import Model
-from .openai_api import (CHAT, COMPLETION, APIError, ParsedRequest, ServedModel, chunk_body, models_body, new_id,
+from .generation import GenerationOptions, new_cache
+from .openai_api import (CHAT, COMPLETION, APIError, ServedModel, chunk_body, models_body, new_id,
                          now, parse_request, response_body, usage_body)
-from .prompt_cache import PromptCache, ReuseStats
 from .prompt_files import load_cache_dir, save_store
 from .prompt_store import DEFAULT_PROMPT_CACHE_BYTES, DEFAULT_PROMPT_CACHE_ENTRIES, PrefixStore
 from .prompt_format import add_template_options, template_from_args
-from .tokenizer import Tokenizer
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 DEFAULT_PORT = 8080
-DEFAULT_QUEUE_SIZE = 16  # requests waiting behind the running one; more get 503
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 # Connections the kernel holds for accept(): socketserver's default of 5 resets a burst of clients
 # before they can even be answered 503. A burst beyond this still queues in the kernel's SYN backlog.
 LISTEN_BACKLOG = 128
 SOCKET_TIMEOUT_S = 60  # a client that stops sending its request is dropped after this
 CLIENT_CHECK_S = 0.25  # how often a waiting request checks that its client is still there
-WORKER_POLL_S = 0.5  # how often an idle worker wakes (so the main thread sees Ctrl-C)
 ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
-_DONE = object()  # end of a job's events
-
-
-@dataclass
-class Job:
-    request: ParsedRequest
-    events: "queue.Queue" = field(default_factory=queue.Queue)  # GenerationResponse, APIError, then _DONE
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
-    reuse: ReuseStats = field(default_factory=ReuseStats)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """How a job ended, kept for logs and tests."""
-
-    generated_tokens: int
-    finish_reason: str  # "stop", "length", "cancelled" or "error"
-    cached_tokens: int
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-
-
-class Worker:
-    """Owns the model: runs queued jobs one at a time, in the thread that calls `run`."""
-
-    def __init__(self, model: Model, tokenizer: Tokenizer, *, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 draft: Optional[Drafter] = None, num_draft_tokens: Optional[int] = None,
-                 store: Optional[PrefixStore] = None, kv_bits: Optional[int] = None,
-                 kv_group_size: int = DEFAULT_KV_GROUP_SIZE):
-        """`draft`: speculative decoding for every request that does not opt out ("speculative": false),
-        drafting `num_draft_tokens` per pass (None: GenerationOptions' default). `store`: the cached
-        prefixes (default: an empty PrefixStore of the default size); `kv_bits`: quantized KV caches."""
-        self.tokenizer = tokenizer
-        self.draft = draft
-        self.num_draft_tokens = num_draft_tokens
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
-        self.prompt_cache = PromptCache(model, store if store is not None else PrefixStore(model))
-        self.jobs: "queue.Queue" = queue.Queue(maxsize=queue_size)
-        self.records: Deque[JobRecord] = collections.deque(maxlen=1000)
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, f"the server is busy: {self.jobs.maxsize} requests are already waiting; retry later",
-                           type="server_error", code="queue_full") from None
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-
-    def run(self) -> None:
-        """Serve jobs until `stop`."""
-        try:
-            while (job := self._next_job()) is not None:
-                self._run_job(job)
-        finally:
-            mx.synchronize()
-            if threading.current_thread() is not threading.main_thread():
-                mx.clear_streams()  # a thread that used MLX must release its streams before it ends
-
-    def _next_job(self) -> Optional[Job]:
-        # Waits in short slices: Ctrl-C may be delivered to another thread, and the main thread only
-        # notices it between waits (a lock wait without a timeout is not interrupted then).
-        while True:
-            try:
-                return self.jobs.get(timeout=WORKER_POLL_S)
-            except queue.Empty:
-                continue
-
-    def _run_job(self, job: Job) -> None:
-        finish, last = "cancelled", None
-        try:
-            if job.cancelled.is_set():
-                return
-            draft = self.draft if job.request.speculative else None
-            options = job.request.options
-            if draft is not None and self.num_draft_tokens is not None:
-                options = replace(options, num_draft_tokens=self.num_draft_tokens)
-            options = replace(options, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size)
-            responses = self.prompt_cache.generate(self.tokenizer, job.request.prompt_ids, options, job.reuse,
-                                                   continues_text=self._continues_text(job.request), draft=draft)
-            try:
-                for response in responses:
-                    last = response
-                    job.events.put(response)
-                    finish = response.finish_reason or finish
-                    if job.cancelled.is_set() and not response.finish_reason:
-                        break
-            finally:
-                responses.close()
-        except Exception as e:  # an unexpected failure ends this request, not the server
-            finish = "error"
-            job.events.put(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error"))
-        finally:
-            job.events.put(_DONE)
-            last = last or GenerationResponse(text="", token=-1)
-            self.records.append(JobRecord(last.generation_tokens, finish, job.reuse.cached_tokens,
-                                          last.drafted_tokens, last.accepted_tokens))
-
-    def _continues_text(self, request: ParsedRequest) -> bool:
-        """Whether a completion's first word keeps its space. decode() drops it at the start of a text,
-        but a completion continues its prompt: prompt + completion must read as decode(prompt +
-        completion ids), e.g. "Once upon a time" + " there"."""
-        return request.kind == COMPLETION and self.tokenizer.decode(request.prompt_ids) != ""
 
 
 class OpenAIServer(ThreadingHTTPServer):
@@ -163,7 +49,7 @@ class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, worker: Worker, served: ServedModel, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+    def __init__(self, worker: Engine, served: ServedModel, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  log: Optional[TextIO] = None):
         super().__init__((host, port), Handler)
@@ -277,7 +163,7 @@ class Handler(BaseHTTPRequestHandler):
             if event is None or not job.request.stream:
                 if self._client_gone():
                     raise ConnectionResetError("the client closed the connection")
-            if event is _DONE:
+            if event is DONE:
                 return
             if isinstance(event, APIError):
                 raise event
@@ -368,7 +254,12 @@ def register(subparsers) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s; 0 picks a free one)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
-                        help="requests that may wait behind the running one; more get 503 (default %(default)s)")
+                        help="requests that may wait for a place in the batch; more get 503 (default %(default)s)")
+    parser.add_argument("--max-batch", type=int, metavar="N",
+                        help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH}, or 1 with "
+                             "speculative decoding, which verifies one sequence at a time)")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                        help="prompt tokens fed per round while other requests decode (default %(default)s)")
     parser.add_argument("--model-id", help="the model's name in the API (default: the --model argument)")
     parser.add_argument("--prompt-cache-bytes", type=byte_count, default=DEFAULT_PROMPT_CACHE_BYTES, metavar="BYTES",
                         help="memory for cached conversation prefixes, e.g. 512M or 2G (default 1G); the least "
@@ -395,6 +286,23 @@ def check_listen_address(host: str, port: int) -> None:
                            "or 0.0.0.0, or a host name that resolves") from None
 
 
+def serve_max_batch(args: argparse.Namespace) -> int:
+    """--max-batch, checked (and --prefill-chunk): its default is 1 with speculative decoding (which
+    cannot batch), else DEFAULT_MAX_BATCH; speculative decoding with --max-batch above 1 is refused."""
+    if args.prefill_chunk < 1:
+        raise OpenELMError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
+    drafting = args.draft_model is not None or args.prompt_lookup is not None
+    if args.max_batch is None:
+        return 1 if drafting else DEFAULT_MAX_BATCH
+    if args.max_batch < 1:
+        raise OpenELMError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if drafting and args.max_batch > 1:
+        raise OpenELMError("speculative decoding (--draft-model/--prompt-lookup) verifies one sequence at a time "
+                           f"and cannot batch: drop --max-batch {args.max_batch} (it then defaults to 1) or the "
+                           "draft option")
+    return args.max_batch
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`openelm-mlx serve`: load the model, then serve until Ctrl-C; the worker runs in this thread."""
     if args.queue_size < 1:
@@ -404,6 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            f"{args.prompt_cache_entries}")
     if args.prompt_cache_dir and Path(args.prompt_cache_dir).exists() and not Path(args.prompt_cache_dir).is_dir():
         raise OpenELMError(f"--prompt-cache-dir {args.prompt_cache_dir} is not a directory")
+    max_batch = serve_max_batch(args)
     check_listen_address(args.host, args.port)  # before the slow load
     template = template_from_args(args)
     GenerationOptions(num_draft_tokens=args.num_draft_tokens)  # validates it before the slow load
@@ -416,7 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.prompt_cache_dir:
         for refused in load_cache_dir(args.prompt_cache_dir, store, kv):
             print(f"openelm-mlx serve: warning: skipped {refused}", file=sys.stderr)
-    worker = Worker(model, tokenizer, queue_size=args.queue_size, draft=draft, num_draft_tokens=args.num_draft_tokens,
+    worker = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=args.prefill_chunk,
+                    queue_size=args.queue_size, draft=draft, num_draft_tokens=args.num_draft_tokens,
                     store=store, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     try:
         server = OpenAIServer(worker, served, host=args.host,

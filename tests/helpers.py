@@ -148,3 +148,14 @@ def write_hf_checkpoint(directory: Path, config: dict, state: Dict[str, np.ndarr
     if tokenizer is not None:
         (directory / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return directory
+
+
+def text_checkpoints(root: Path, tokenizer: Path, small_context: int):
+    """Two untied float32 checkpoints with the same readable-text weights (`text_only_state`): the
+    default context (2048) and a `small_context`-token one. Returns their directories."""
+    config = tiny_config(tied=False)
+    state = text_only_state(config, tokenizer)
+    big = write_hf_checkpoint(root / "ctx2048", config, state)
+    small = write_hf_checkpoint(root / f"ctx{small_context}", tiny_config(tied=False, max_context_length=small_context),
+                                state)
+    return big, small

@@ -20,10 +20,10 @@ from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
-from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_only_state, tiny_config, write_hf_checkpoint
+from helpers import DOCS_TARGET, LLAMA2_TOKENIZER, text_checkpoints
 import openelm_mlx as om
 from openelm_mlx import ContextLengthError, GenerationOptions
-from openelm_mlx import generation
+from openelm_mlx import sampling
 from openelm_mlx.generation import SEED_LIMIT, StopMatcher
 from openelm_mlx.sampling import make_repetition_penalty, make_sampler
 
@@ -36,12 +36,7 @@ EOS = 2
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, spm_model):
     """Two checkpoints with the same weights: the default context (2048) and a 32-token one."""
-    root = tmp_path_factory.mktemp("gen")
-    config = tiny_config(tied=False)
-    state = text_only_state(config, spm_model)
-    big = write_hf_checkpoint(root / "ctx2048", config, state)
-    small = write_hf_checkpoint(root / "ctx32", tiny_config(tied=False, max_context_length=SMALL_CONTEXT), state)
-    return big, small
+    return text_checkpoints(tmp_path_factory.mktemp("gen"), spm_model, SMALL_CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +239,7 @@ def test_repetition_penalty_window_stays_fixed_size(lm, monkeypatch):
 
         return record
 
-    monkeypatch.setattr(generation, "make_repetition_penalty", recording_penalty)
+    monkeypatch.setattr(sampling, "make_repetition_penalty", recording_penalty)
     ids = tok.encode(PROMPTS[-1])
     assert len(ids) > 6
     result = greedy(model, tok, ids, max_tokens=14, repetition_penalty=1.5, repetition_context_size=6)
@@ -580,8 +575,6 @@ def test_batch_refuses_bad_input(lm):
         om.batch_generate(model, tok, [])
     with pytest.raises(ValueError):
         om.batch_generate(model, tok, [PROMPTS[0], []])
-    with pytest.raises(ValueError, match="sliding"):
-        om.batch_generate(model, tok, [PROMPTS[0]], GenerationOptions(sliding_window=True))
 
 
 # ---------------------------------------------------------------------------- cache reuse

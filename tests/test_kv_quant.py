@@ -15,8 +15,9 @@ from openelm_mlx.cache import KVCache, QuantizedKVCache, make_cache
 from openelm_mlx.bench import kv_quant as kv_quant_bench
 from openelm_mlx.cli import main
 from openelm_mlx.drafting import PromptLookup
+from openelm_mlx.engine import batch_generate
 from openelm_mlx.errors import InvalidOptionError
-from openelm_mlx.generation import batch_generate, new_cache
+from openelm_mlx.generation import new_cache
 
 # Max |logit difference| against the full-precision cache over a teacher-forced run of random ids
 # through the tiny random model below (float32, logits up to about +-12). Measured 2026-12-01 with group

@@ -213,7 +213,7 @@ def test_cache_prompt_errors_are_one_line(capsys, dirs, tmp_path, case):
 
 def test_serve_reloads_the_prefixes_it_saved_on_shutdown(capsys, monkeypatch, dirs, tmp_path):
     """serve --prompt-cache-dir: a conversation cached before a restart is served from the cache after it."""
-    from openelm_mlx.server import Job, Worker
+    from openelm_mlx.engine import Engine, Job
     from openelm_mlx.openai_api import COMPLETION, ServedModel, parse_request
     from openelm_mlx.prompt_format import RAW
 
@@ -223,12 +223,13 @@ def test_serve_reloads_the_prefixes_it_saved_on_shutdown(capsys, monkeypatch, di
 
     def one_request_then_ctrl_c(worker):
         served = ServedModel("m", worker.tokenizer, RAW, 2048)
-        worker._run_job(Job(parse_request(COMPLETION, b'{"prompt": "%s", "max_tokens": 4}' % PREFIX.encode(),
-                                          served)))
+        worker.submit(Job(parse_request(COMPLETION, b'{"prompt": "%s", "max_tokens": 4}' % PREFIX.encode(),
+                                        served)))
+        worker.run_until_idle()
         records.append(worker.records[-1])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Worker, "run", one_request_then_ctrl_c)
+    monkeypatch.setattr(Engine, "run", one_request_then_ctrl_c)
     argv = ["serve", "--model", str(dirs[0]), "--dtype", "float32", "--port", "0", "--prompt-cache-dir",
             str(tmp_path / "cache")]
     assert main(argv) == 130

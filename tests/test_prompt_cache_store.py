@@ -16,7 +16,7 @@ from openelm_mlx.openai_api import COMPLETION, ServedModel, parse_request
 from openelm_mlx.prompt_cache import PromptCache, ReuseStats
 from openelm_mlx.prompt_format import RAW
 from openelm_mlx.prompt_store import PrefixStore
-from openelm_mlx.server import Job, Worker
+from openelm_mlx.engine import Engine, Job
 
 OPTIONS = GenerationOptions(max_tokens=5)
 
@@ -153,14 +153,15 @@ def test_a_cache_whose_window_dropped_positions_is_not_stored(lm):
     assert len(store) == 0
 
 
-def test_the_worker_serves_interleaved_conversations_from_the_store(lm):
+def test_the_engine_serves_interleaved_conversations_from_the_store(lm):
     model, tok = lm
-    worker = Worker(model, tok, store=PrefixStore(model, max_entries=4))
+    worker = Engine(model, tok, store=PrefixStore(model, max_entries=4))
     served = ServedModel("tiny", tok, RAW, model.args.max_context_length)
 
     def complete(prompt):
         job = Job(parse_request(COMPLETION, json.dumps({"prompt": prompt, "max_tokens": 4}).encode(), served))
-        worker._run_job(job)
+        worker.submit(job)
+        worker.run_until_idle()
         return worker.records[-1]
 
     first = ["Once upon a time there was a model", "def fibonacci(n): return n"]

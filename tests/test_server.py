@@ -19,9 +19,10 @@ from serving import REPO, cli_command, cli_env, tiny_chat_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.cli import main
+from openelm_mlx.engine import Engine
 from openelm_mlx.openai_api import CHAT, ServedModel, parse_request
 from openelm_mlx.prompt_format import ZEPHYR, conversation_ids
-from openelm_mlx.server import Handler, OpenAIServer, Worker
+from openelm_mlx.server import Handler, OpenAIServer
 
 openai = pytest.importorskip("openai")
 
@@ -41,9 +42,10 @@ def lm(checkpoint):
 
 def start_server(lm, **kw) -> OpenAIServer:
     model, tok = lm
-    queue_size = kw.pop("queue_size", 16)
+    sizes = {name: kw.pop(name) for name in ("queue_size", "max_batch") if name in kw}  # else the engine's defaults
+    engine = Engine(model, tok, **sizes)
     served = ServedModel(MODEL_ID, tok, ZEPHYR, model.args.max_context_length)
-    return OpenAIServer(Worker(model, tok, queue_size=queue_size), served, host="127.0.0.1", port=0,
+    return OpenAIServer(engine, served, host="127.0.0.1", port=0,
                         **kw).start(with_worker=True)
 
 
@@ -357,7 +359,7 @@ def test_api_key(lm):
 
 
 def test_a_full_queue_answers_503_and_the_waiting_request_still_completes(lm):
-    server = start_server(lm, queue_size=1)
+    server = start_server(lm, queue_size=1, max_batch=1)  # one running, one waiting, the third refused
     try:
         body = json.dumps({"prompt": "Once upon a time", "max_tokens": LONG, "stream": True}).encode()
         running = socket.create_connection(("127.0.0.1", server.port), timeout=60)
@@ -523,7 +525,7 @@ def test_serve_command_shuts_down_through_close(checkpoint, monkeypatch, capsys)
     closed = []
     close = OpenAIServer.close
     monkeypatch.setattr(OpenAIServer, "close", lambda self: (closed.append(self), close(self)))
-    monkeypatch.setattr(Worker, "run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(Engine, "run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["serve", "--model", str(checkpoint), "--dtype", "float32", "--port", "0"]) == 130
     assert len(closed) == 1 and not any(t.is_alive() for t in closed[0]._service_threads)
     assert "interrupted" in capsys.readouterr().err

@@ -19,7 +19,8 @@ from openelm_mlx.drafting import DraftModel, PromptLookup, auto_draft_source
 from openelm_mlx.errors import InvalidOptionError, LoadError
 from openelm_mlx.openai_api import ServedModel
 from openelm_mlx.prompt_format import ZEPHYR, Message, conversation_ids
-from openelm_mlx.server import OpenAIServer, Worker
+from openelm_mlx.engine import Engine
+from openelm_mlx.server import OpenAIServer
 
 PROMPT = "The quick brown fox jumps over the quick brown fox"
 
@@ -159,7 +160,7 @@ def draft_server(dirs, lm):
     model, tok = lm
     draft = DraftModel(om.load(dirs["draft"], dtype="float32", tokenizer=tok.path)[0])
     served = ServedModel("tiny", tok, ZEPHYR, model.args.max_context_length)
-    server = OpenAIServer(Worker(model, tok, draft=draft, num_draft_tokens=3), served, host="127.0.0.1",
+    server = OpenAIServer(Engine(model, tok, max_batch=1, draft=draft, num_draft_tokens=3), served, host="127.0.0.1",
                           port=0).start(with_worker=True)
     yield server
     server.close()
