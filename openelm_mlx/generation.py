@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -12,7 +13,8 @@ from .cache import DEFAULT_KEEP, KVCache, make_cache
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
-from .sampling import make_repetition_penalty, make_sampler
+from .sampling import (MAX_LOGIT_BIAS, MAX_TOKEN_PENALTY, MAX_TOP_LOGPROBS, apply_token_penalties,
+                       logit_bias_vector, make_repetition_penalty, make_sampler, token_logprobs)
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -39,12 +41,22 @@ class GenerationOptions:
     # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
     # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
     num_draft_tokens: int = 2
+    # OpenAI's penalties on the tokens generated so far: presence subtracts once a token has appeared,
+    # frequency once per appearance (-2..2; 0 is off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: {token id: -100..100} added to the logits (a mapping; kept as sorted pairs).
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    # Log-probabilities of each generated token and its `logprobs` likeliest alternatives (None: off).
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be a non-negative integer", self.max_tokens),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)", self.temperature),
@@ -62,6 +74,17 @@ class GenerationOptions:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
             (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens > 0,
              "num_draft_tokens must be a positive integer", self.num_draft_tokens),
+            (-MAX_TOKEN_PENALTY <= self.presence_penalty <= MAX_TOKEN_PENALTY,
+             f"presence_penalty must be between -{MAX_TOKEN_PENALTY} and {MAX_TOKEN_PENALTY}", self.presence_penalty),
+            (-MAX_TOKEN_PENALTY <= self.frequency_penalty <= MAX_TOKEN_PENALTY,
+             f"frequency_penalty must be between -{MAX_TOKEN_PENALTY} and {MAX_TOKEN_PENALTY}",
+             self.frequency_penalty),
+            (all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+             f"logit_bias must map token ids to biases between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}",
+             dict(self.logit_bias)),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"logprobs must be None or the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}", self.logprobs),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -71,6 +94,12 @@ class GenerationOptions:
         """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
         return Scoring(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                        self.repetition_context_size)
+
+    @property
+    def uses_token_processing(self) -> bool:
+        """Whether presence/frequency penalties, logit_bias or logprobs are asked for (what speculative
+        decoding does not do)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias) or self.logprobs is not None
 
 
 @dataclass
@@ -94,6 +123,10 @@ class GenerationResponse:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_passes: int = 0
+    # With GenerationOptions.logprobs: this token's log-probability and the likeliest alternatives
+    # [(id, logprob)], most likely first (log-softmax of the logits it was sampled from, after penalties).
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -185,9 +218,26 @@ def cache_window(model: Model, options: GenerationOptions) -> Optional[int]:
     return context
 
 
+class TokenLogprobs:
+    """What `decode_tokens` reports beside each step's tokens when options.logprobs is set: `last` is, per
+    row, (the token's logprob, [(id, logprob)] of the likeliest alternatives, most likely first)."""
+
+    def __init__(self) -> None:
+        self.last: List[Tuple[float, List[Tuple[int, float]]]] = []
+        self._pending: Deque[Tuple[mx.array, mx.array, mx.array]] = collections.deque()
+
+    def _record(self, arrays: Tuple[mx.array, mx.array, mx.array]) -> None:
+        self._pending.append(arrays)
+
+    def _advance(self) -> None:
+        chosen, top_ids, top = (a.tolist() for a in self._pending.popleft())
+        self.last = [(c, sorted(zip(i, t), key=lambda pair: -pair[1])) for c, i, t in zip(chosen, top_ids, top)]
+
+
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
                   limit: int, *, history: Optional[mx.array] = None,
-                  speculation: Optional[Speculation] = None) -> Iterator[List[int]]:
+                  speculation: Optional[Speculation] = None,
+                  logprobs: Optional[TokenLogprobs] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
     `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
@@ -197,6 +247,8 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     proposes, the target scores the last token and the drafts in one pass, the rejected positions are
     trimmed, and the accepted drafts plus one target token are yielded one by one (the counters in
     `speculation` say whether each came from the draft). The drafter sees history + ids + generated.
+    Presence/frequency penalties count the generated tokens only; logit_bias is added last. With
+    options.logprobs, pass `logprobs`: its `last` describes the step just yielded.
     However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
     yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
     and what it held before if it failed before the first token.
@@ -208,18 +260,32 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     penalty = (make_repetition_penalty(options.repetition_penalty, options.repetition_context_size)
                if options.repetition_penalty != 1.0 else None)
     key = mx.random.key(options.seed) if options.seed is not None else None
+    if speculation is not None and options.uses_token_processing:
+        raise InvalidOptionError("speculative decoding does not support presence_penalty, frequency_penalty, "
+                                 "logit_bias or logprobs: generate without a draft for these")
+    if (options.logprobs is None) != (logprobs is None):
+        raise InvalidOptionError("options.logprobs and the `logprobs` recorder go together: pass both or neither")
     window_size = options.repetition_context_size
     window = None  # [B, <= window_size]: the ids the penalty looks at
     if penalty is not None:
         seen = ids if history is None else mx.concatenate([history.astype(ids.dtype), ids], axis=1)
         window = seen[:, max(0, seen.shape[1] - window_size):]
+    vocab_size = model.args.vocab_size
+    counts = None  # [B, V]: how often each token was generated (presence / frequency penalties)
+    if options.presence_penalty or options.frequency_penalty:
+        counts = mx.zeros((ids.shape[0], vocab_size), dtype=mx.float32)
+    bias = logit_bias_vector(options.logit_bias, vocab_size) if options.logit_bias else None
 
     def step(new_ids: mx.array) -> mx.array:
-        nonlocal key, window
+        nonlocal key, window, counts
         hidden = model.hidden(new_ids, cache)
         logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
         if penalty is not None:
             logits = penalty(window, logits)
+        if counts is not None:
+            logits = apply_token_penalties(logits, counts, options.presence_penalty, options.frequency_penalty)
+        if bias is not None:
+            logits = logits + bias
         sub = None
         if key is not None:
             key, sub = mx.random.split(key)
@@ -227,6 +293,12 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
         if penalty is not None:  # a fixed-size window: drop the oldest id once it is full
             kept = window[:, max(0, window.shape[1] + 1 - window_size):]
             window = mx.concatenate([kept, token[:, None].astype(window.dtype)], axis=1)
+        if counts is not None:
+            counts = counts + (mx.arange(vocab_size)[None, :] == token[:, None])
+        if logprobs is not None:
+            reported = token_logprobs(logits, token, options.logprobs)
+            logprobs._record(reported)
+            mx.async_eval(token, *reported)
         return token
 
     held_before, prompt_len = cache[0].offset, ids.shape[1]
@@ -264,6 +336,8 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                 next_token = step(token[:, None])
                 mx.async_eval(next_token)
             step_tokens = token.tolist()
+            if logprobs is not None:
+                logprobs._advance()
             delivered = n
             yield step_tokens
             if n < limit:
@@ -345,7 +419,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
-    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation)
+    recorder = TokenLogprobs() if options.logprobs is not None else None
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation,
+                           logprobs=recorder)
     try:
         for n, (token,) in enumerate(tokens, 1):
             if speculation is not None:
@@ -363,6 +439,8 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             if finish == "length":
                 text += completion.finish()
             stats.peak_memory_bytes = mx.get_peak_memory()
+            if recorder is not None:
+                stats.logprob, stats.top_logprobs = recorder.last[0]
             if finish:
                 tokens.close()  # settles the cache before the caller sees the last response
             yield replace(stats, text=text, token=token, finish_reason=finish,
@@ -411,6 +489,8 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
     options = options or GenerationOptions()
     if options.sliding_window:
         raise ValueError("batch_generate does not support the sliding window")
+    if options.logprobs is not None:
+        raise InvalidOptionError("batch_generate does not report logprobs: use stream_generate for them")
     rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     if not rows or not all(rows):
         raise ValueError("batch_generate needs at least one prompt, and no prompt may be empty")

@@ -11,7 +11,7 @@ compiled with `mx.compile` (one graph per sampler, the random key or state an ex
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -113,3 +113,38 @@ def make_repetition_penalty(penalty: float, context_size: int) -> LogitsProcesso
         return mx.put_along_axis(logits, recent, chosen, axis=-1)
 
     return apply
+
+
+# OpenAI's bounds for presence_penalty / frequency_penalty and for logit_bias values.
+MAX_TOKEN_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+# The most top_logprobs a token may report (OpenAI's chat limit).
+MAX_TOP_LOGPROBS = 20
+
+
+def apply_token_penalties(logits: mx.array, counts: mx.array, presence: float, frequency: float) -> mx.array:
+    """OpenAI's presence and frequency penalties: `counts` [B, V] says how often each token was
+    generated so far; each logit loses frequency x its count, plus presence once it has appeared."""
+    return logits - frequency * counts - presence * (counts > 0).astype(logits.dtype)
+
+
+def logit_bias_vector(bias: Sequence[Tuple[int, float]], vocab_size: int) -> mx.array:
+    """The dense [V] float32 vector that OpenAI's `logit_bias` ({token id: bias}) adds to every row."""
+    dense = [0.0] * vocab_size
+    for token, value in bias:
+        if not 0 <= token < vocab_size:
+            raise InvalidOptionError(f"logit_bias names token {token}, but the vocabulary has ids 0..{vocab_size - 1}")
+        dense[token] = float(value)
+    return mx.array(dense, dtype=mx.float32)
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, top_n: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """Log-probabilities under log-softmax(`logits` [B, V]): of `tokens` [B], and the `top_n` likeliest
+    ids [B, top_n] with theirs [B, top_n] (unordered; top_n 0 gives empty arrays)."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
+    if top_n <= 0:
+        empty = mx.zeros((logits.shape[0], 0))
+        return chosen, empty.astype(mx.int32), empty
+    top_ids = mx.argpartition(-logprobs, kth=top_n - 1, axis=-1)[:, :top_n]
+    return chosen, top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)
