@@ -222,7 +222,7 @@ def _options(request: _Body, max_tokens: Optional[int], logprobs: Optional[int],
         options = replace(defaults, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
                           seed=request.seed, stop=stops, logit_bias=bias, logprobs=logprobs, **given)
     except InvalidOptionError as e:
-        field_name = next((name for name in ("seed", *given) if str(e).startswith(name)), None)
+        field_name = next((name for name in ("seed", "logit_bias", *SAMPLING_FIELDS) if str(e).startswith(name)), None)
         raise APIError(400, str(e), param=field_name) from None
     if options.seed is None and options.temperature > 0:
         # An explicit seed per request: sampling never touches MLX's global random state from the worker.
