@@ -11,6 +11,7 @@ uvicorn) cancels its job, whether it is streaming, waiting for a whole reply, or
 from __future__ import annotations
 
 import asyncio
+import copy
 import hmac
 import json
 import queue
@@ -284,6 +285,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _stderr_logging() -> dict:
+    """uvicorn's logging setup with the access log on stderr too: stdout stays free."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler["stream"] = "ext://sys.stderr"
+    return config
+
+
 class OpenAIServer:
     """The server: binds at once (so a taken port fails here), `start()` serves in background threads."""
 
@@ -295,8 +304,9 @@ class OpenAIServer:
         app = build_app(worker, served, api_key=api_key, max_body_bytes=max_body_bytes,
                         allowed_origins=tuple(allowed_origins))
         config = uvicorn.Config(app, http=H11WithJSONErrors, ws="none", lifespan="off", log_level=log_level,
-                                access_log=log_level in ("info", "debug"), backlog=LISTEN_BACKLOG,
-                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, server_header=False)
+                                log_config=_stderr_logging(), access_log=log_level in ("info", "debug"),
+                                backlog=LISTEN_BACKLOG, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                                server_header=False)
         self._uvicorn = uvicorn.Server(config)
         self._service_threads: List[threading.Thread] = []
         self._closed = False

@@ -193,9 +193,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         flag = "--port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
         raise OpenELMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}: pick another {flag}") from None
-    server.start(with_worker=False)
+    # The socket already listens: print first, so this is the first line whatever uvicorn logs.
     print(f"serving {served.model_id} (prompt format: {template.name}) on http://{args.host}:{server.port}/v1"
           + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    server.start(with_worker=False)
     try:
         server.worker.run()  # the model stays in the thread that loaded it
     finally:

@@ -255,3 +255,18 @@ def test_include_usage_on_a_completion_stream(client):
                                             stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 4 and not chunks[-1].choices
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_serve_without_the_serve_extra_is_one_line(monkeypatch, capsys, tmp_path):
+    """The packages of the extra missing: `serve` names the extra to install, before loading anything."""
+    import sys
+
+    import openelm_mlx
+    from openelm_mlx.cli import main
+
+    monkeypatch.delitem(sys.modules, "openelm_mlx.http_app")
+    monkeypatch.delattr(openelm_mlx, "http_app", raising=False)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(["serve", "--model", str(tmp_path / "not-loaded")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'openelm-mlx[serve]'" in err[0], err
