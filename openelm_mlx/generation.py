@@ -226,10 +226,12 @@ class TokenLogprobs:
         self.last: List[Tuple[float, List[Tuple[int, float]]]] = []
         self._pending: Deque[Tuple[mx.array, mx.array, mx.array]] = collections.deque()
 
-    def _record(self, arrays: Tuple[mx.array, mx.array, mx.array]) -> None:
+    def push(self, arrays: Tuple[mx.array, mx.array, mx.array]) -> None:
+        """A step's (chosen [B], top ids [B, n], top logprobs [B, n]), computed ahead of its yield."""
         self._pending.append(arrays)
 
-    def _advance(self) -> None:
+    def advance(self) -> None:
+        """`last` becomes the oldest pushed step (the one about to be yielded)."""
         chosen, top_ids, top = (a.tolist() for a in self._pending.popleft())
         self.last = [(c, sorted(zip(i, t), key=lambda pair: -pair[1])) for c, i, t in zip(chosen, top_ids, top)]
 
@@ -297,7 +299,7 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
             counts = counts + (mx.arange(vocab_size)[None, :] == token[:, None])
         if logprobs is not None:
             reported = token_logprobs(logits, token, options.logprobs)
-            logprobs._record(reported)
+            logprobs.push(reported)
             mx.async_eval(token, *reported)
         return token
 
@@ -337,7 +339,7 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                 mx.async_eval(next_token)
             step_tokens = token.tolist()
             if logprobs is not None:
-                logprobs._advance()
+                logprobs.advance()
             delivered = n
             yield step_tokens
             if n < limit:
