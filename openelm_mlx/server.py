@@ -173,6 +173,14 @@ def http_layer():
     return http_app
 
 
+def __getattr__(name: str):
+    """`from openelm_mlx.server import OpenAIServer` keeps working: the HTTP server lives in http_app.py,
+    imported only when asked for, so the CLI runs without the serve extra."""
+    if name == "OpenAIServer":
+        return http_layer().OpenAIServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`openelm-mlx serve`: load the model, then serve until Ctrl-C; the worker runs in this thread."""
     if args.queue_size < 1:
