@@ -35,8 +35,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-float16", action="store_true", help="allow float16 even where it overflows (3B)")
 
 
-def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Sampling flags shared by every subcommand that generates text."""
+def _add_core_sampling_options(parser) -> None:
+    """--max-tokens, --temperature/--temp, --top-k, --top-p, --min-p, --repetition-penalty: generate's
+    settings and serve's request defaults."""
     d = _DEFAULTS
     parser.add_argument("--max-tokens", type=int, default=d["max_tokens"], help="most tokens to generate (default %(default)s)")
     parser.add_argument("--temperature", "--temp", type=float, default=d["temperature"], help="0 is greedy (default %(default)s)")
@@ -44,6 +45,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass; 1 is off")
     parser.add_argument("--min-p", type=float, default=d["min_p"], help="drop tokens below min-p x the top probability; 0 is off")
     parser.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"], help="1 is off; Apple's cards use 1.2")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Sampling flags shared by every subcommand that generates text."""
+    d = _DEFAULTS
+    _add_core_sampling_options(parser)
     parser.add_argument("--repetition-context-size", type=int, default=d["repetition_context_size"],
                         help="how many recent tokens the penalty looks at (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"], help="seed for reproducible sampling")
@@ -120,6 +127,18 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
         num_draft_tokens=getattr(args, "num_draft_tokens", _DEFAULTS["num_draft_tokens"]),  # not every command drafts
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
+
+
+def add_server_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """serve's sampling defaults: generate's flags, used for each request that does not set the field."""
+    _add_core_sampling_options(parser.add_argument_group(
+        "request defaults", "sampling settings for requests that do not set them (the request's own win)"))
+
+
+def server_defaults_from_args(args: argparse.Namespace) -> GenerationOptions:
+    """The GenerationOptions that serve's sampling flags make the requests' defaults (validated)."""
+    return GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
 
 
 def load_from_args(args: argparse.Namespace) -> Tuple[Model, Tokenizer]:

@@ -18,7 +18,7 @@ import collections
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Deque, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -28,10 +28,13 @@ from .drafting import Drafter
 from .errors import InvalidOptionError, OpenELMError
 from .generation import (CompletionText, GenerationOptions, GenerationResponse, GenerationResult, Prompt,
                          cache_window, context_room)
+from .jobs import JOB_DONE as DONE
+from .jobs import Job, JobRecord
 from .model import Model
 from .openai_api import COMPLETION, APIError, ParsedRequest
-from .prompt_cache import PromptCache, ReuseStats
+from .prompt_cache import PromptCache
 from .prompt_store import PrefixStore
+from .sampling import describe_logprobs
 from .tokenizer import Tokenizer
 
 # Sequences decoded together. Measured with the synthetic 270M in float32 on the 2-core CPU
@@ -41,32 +44,6 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_QUEUE_SIZE = 16  # requests waiting for a place in the batch; more get 503
 IDLE_POLL_S = 0.5  # how often an idle engine wakes (so the main thread sees Ctrl-C)
-DONE = object()  # end of a job's events
-
-
-@dataclass
-class Job:
-    """One request on its way through the engine: it reads `request`; it writes GenerationResponses (or
-    an APIError) then DONE to `events`; the request's thread sets `cancelled` when the client goes away."""
-
-    request: ParsedRequest
-    events: "queue.Queue" = field(default_factory=queue.Queue)  # GenerationResponse, APIError, then DONE
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
-    reuse: ReuseStats = field(default_factory=ReuseStats)
-    # Whether the completion continues its prompt's text (its first word keeps its space); None: decided
-    # from the request (a completion with a non-empty prompt).
-    continues_text: Optional[bool] = None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """How a job ended, kept for logs and tests."""
-
-    generated_tokens: int
-    finish_reason: str  # "stop", "length", "cancelled" or "error"
-    cached_tokens: int
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
 
 
 class _Row:
@@ -290,6 +267,8 @@ class Engine:
             text += row.completion.finish()
         response = replace(stats, text=text, token=token, finish_reason=finish,
                            context_full=finish == "length" and row.context_full)
+        if row.options.logprobs is not None:  # the row's sampler just drew this token
+            response.logprob, response.top_logprobs = describe_logprobs(row.sample.reported)[0]
         if finish:
             self._emit_final(row, response)
         else:
@@ -346,6 +325,8 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
     Each row's tokens are those of `generate` for that prompt alone: greedy exactly, seeded sampling
     with the same seed too (each row draws from its own key stream)."""
     options = options or GenerationOptions()
+    if options.logprobs is not None:
+        raise InvalidOptionError("batch_generate does not report logprobs: use stream_generate for them")
     rows = [tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     if not rows or not all(rows):
         raise InvalidOptionError("batch_generate needs at least one prompt, and no prompt may be empty")

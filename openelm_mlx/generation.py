@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -12,7 +13,8 @@ from .cache import DEFAULT_KEEP, DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES,
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts, check_num_draft_tokens
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
-from .sampling import SequenceSampler
+from .sampling import (MAX_LOGIT_BIAS, MAX_TOKEN_PENALTY, MAX_TOP_LOGPROBS, SequenceSampler,
+                       describe_logprobs)
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -45,12 +47,22 @@ class GenerationOptions:
     # scale and bias per kv_group_size elements; quality and memory: docs/generate.md#quantized-kv-cache.
     kv_bits: Optional[int] = None
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE
+    # OpenAI's penalties on the tokens generated so far: presence subtracts once a token has appeared,
+    # frequency once per appearance (-2..2; 0 is off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: {token id: -100..100} added to the logits (a mapping; kept as sorted pairs).
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    # Log-probabilities of each generated token and its `logprobs` likeliest alternatives (None: off).
+    logprobs: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens must be a non-negative integer", self.max_tokens),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)", self.temperature),
@@ -70,6 +82,17 @@ class GenerationOptions:
              f"kv_bits must be one of {', '.join(map(str, KV_BITS))} (None: no quantization)", self.kv_bits),
             (self.kv_group_size in KV_GROUP_SIZES,
              f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}", self.kv_group_size),
+            (-MAX_TOKEN_PENALTY <= self.presence_penalty <= MAX_TOKEN_PENALTY,
+             f"presence_penalty must be between -{MAX_TOKEN_PENALTY} and {MAX_TOKEN_PENALTY}", self.presence_penalty),
+            (-MAX_TOKEN_PENALTY <= self.frequency_penalty <= MAX_TOKEN_PENALTY,
+             f"frequency_penalty must be between -{MAX_TOKEN_PENALTY} and {MAX_TOKEN_PENALTY}",
+             self.frequency_penalty),
+            (all(t >= 0 and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias),
+             f"logit_bias must map token ids to biases between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}",
+             dict(self.logit_bias)),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"logprobs must be None or the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}", self.logprobs),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -80,12 +103,20 @@ class GenerationOptions:
         """A fresh `SequenceSampler` for one sequence (or a batch sharing these options) that has seen the
         ids `seen` [B, N] so far."""
         return SequenceSampler(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                               self.repetition_context_size, self.seed, seen)
+                               self.repetition_context_size, self.seed, seen, presence_penalty=self.presence_penalty,
+                               frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias,
+                               logprobs=self.logprobs)
 
     def scoring(self) -> Scoring:
         """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
         return Scoring(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                        self.repetition_context_size)
+
+    @property
+    def uses_token_processing(self) -> bool:
+        """Whether presence/frequency penalties, logit_bias or logprobs are asked for (what speculative
+        decoding does not do)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias) or self.logprobs is not None
 
 
 @dataclass
@@ -109,6 +140,10 @@ class GenerationResponse:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     verify_passes: int = 0
+    # With GenerationOptions.logprobs: this token's log-probability and the likeliest alternatives
+    # [(id, logprob)], most likely first (log-softmax of the logits it was sampled from, after penalties).
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -222,9 +257,27 @@ def quantized_as_asked(cache: List[KVCache], options: GenerationOptions) -> bool
     return cache[0].kv_bits == options.kv_bits and cache[0].kv_group_size == group_size
 
 
+class TokenLogprobs:
+    """What `decode_tokens` reports beside each step's tokens when options.logprobs is set: `last` is, per
+    row, (the token's logprob, [(id, logprob)] of the likeliest alternatives, most likely first)."""
+
+    def __init__(self) -> None:
+        self.last: List[Tuple[float, List[Tuple[int, float]]]] = []
+        self._pending: Deque[Tuple[mx.array, mx.array, mx.array]] = collections.deque()
+
+    def push(self, arrays: Tuple[mx.array, mx.array, mx.array]) -> None:
+        """A step's (chosen [B], top ids [B, n], top logprobs [B, n]), computed ahead of its yield."""
+        self._pending.append(arrays)
+
+    def advance(self) -> None:
+        """`last` becomes the oldest pushed step (the one about to be yielded)."""
+        self.last = describe_logprobs(self._pending.popleft())
+
+
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
                   limit: int, *, history: Optional[mx.array] = None,
-                  speculation: Optional[Speculation] = None) -> Iterator[List[int]]:
+                  speculation: Optional[Speculation] = None,
+                  logprobs: Optional[TokenLogprobs] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
     `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
@@ -234,6 +287,8 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     proposes, the target scores the last token and the drafts in one pass, the rejected positions are
     trimmed, and the accepted drafts plus one target token are yielded one by one (the counters in
     `speculation` say whether each came from the draft). The drafter sees history + ids + generated.
+    Presence/frequency penalties count the generated tokens only; logit_bias is added last. With
+    options.logprobs, pass `logprobs`: its `last` describes the step just yielded.
     However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
     yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
     and what it held before if it failed before the first token.
@@ -241,12 +296,21 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     if speculation is not None and ids.shape[0] != 1:
         raise InvalidOptionError("speculative decoding works on one sequence at a time, not on a batch")
     scoring = options.scoring()
+    if speculation is not None and options.uses_token_processing:
+        raise InvalidOptionError("speculative decoding does not support presence_penalty, frequency_penalty, "
+                                 "logit_bias or logprobs: generate without a draft for these")
+    if (options.logprobs is None) != (logprobs is None):
+        raise InvalidOptionError("options.logprobs and the `logprobs` recorder go together: pass both or neither")
     seen = ids if history is None else mx.concatenate([history.astype(ids.dtype), ids], axis=1)
     sample = options.sequence_sampler(seen)
 
     def step(new_ids: mx.array) -> mx.array:
         hidden = model.hidden(new_ids, cache)
-        return sample(model.logits(hidden[:, -1, :]).astype(mx.float32))  # only the last position's logits
+        token = sample(model.logits(hidden[:, -1, :]).astype(mx.float32))  # only the last position's logits
+        if logprobs is not None:
+            logprobs.push(sample.reported)
+            mx.async_eval(token, *sample.reported)
+        return token
 
     held_before, prompt_len = cache[0].offset, ids.shape[1]
     prefilled, delivered = False, 0
@@ -281,6 +345,8 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                 next_token = step(token[:, None])
                 mx.async_eval(next_token)
             step_tokens = token.tolist()
+            if logprobs is not None:
+                logprobs.advance()
             delivered = n
             yield step_tokens
             if n < limit:
@@ -365,7 +431,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
-    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation)
+    recorder = TokenLogprobs() if options.logprobs is not None else None
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation,
+                           logprobs=recorder)
     try:
         for n, (token,) in enumerate(tokens, 1):
             if speculation is not None:
@@ -383,6 +451,8 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             if finish == "length":
                 text += completion.finish()
             stats.peak_memory_bytes = mx.get_peak_memory()
+            if recorder is not None:
+                stats.logprob, stats.top_logprobs = recorder.last[0]
             if finish:
                 tokens.close()  # settles the cache before the caller sees the last response
             yield replace(stats, text=text, token=token, finish_reason=finish,

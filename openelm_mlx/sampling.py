@@ -11,7 +11,7 @@ compiled with `mx.compile` (one graph per sampler, the random key or state an ex
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -115,6 +115,48 @@ def make_repetition_penalty(penalty: float, context_size: int) -> LogitsProcesso
     return apply
 
 
+# OpenAI's bounds for presence_penalty / frequency_penalty and for logit_bias values.
+MAX_TOKEN_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+# The most top_logprobs a token may report (OpenAI's chat limit).
+MAX_TOP_LOGPROBS = 20
+
+
+def apply_token_penalties(logits: mx.array, counts: mx.array, presence: float, frequency: float) -> mx.array:
+    """OpenAI's presence and frequency penalties: `counts` [B, V] says how often each token was
+    generated so far; each logit loses frequency x its count, plus presence once it has appeared."""
+    return logits - frequency * counts - presence * (counts > 0).astype(logits.dtype)
+
+
+def logit_bias_vector(bias: Sequence[Tuple[int, float]], vocab_size: int) -> mx.array:
+    """The dense [V] float32 vector that OpenAI's `logit_bias` ({token id: bias}) adds to every row."""
+    dense = [0.0] * vocab_size
+    for token, value in bias:
+        if not 0 <= token < vocab_size:
+            raise InvalidOptionError(f"logit_bias names token {token}, but the vocabulary has ids 0..{vocab_size - 1}")
+        dense[token] = float(value)
+    return mx.array(dense, dtype=mx.float32)
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, top_n: int) -> Tuple[mx.array, mx.array, mx.array]:
+    """Log-probabilities under log-softmax(`logits` [B, V]): of `tokens` [B], and the `top_n` likeliest
+    ids [B, top_n] with theirs [B, top_n] (unordered; top_n 0 gives empty arrays)."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
+    if top_n <= 0:
+        empty = mx.zeros((logits.shape[0], 0))
+        return chosen, empty.astype(mx.int32), empty
+    top_ids = mx.argpartition(-logprobs, kth=top_n - 1, axis=-1)[:, :top_n]
+    return chosen, top_ids, mx.take_along_axis(logprobs, top_ids, axis=-1)
+
+
+def describe_logprobs(reported: Tuple[mx.array, mx.array, mx.array]) -> List[Tuple[float, List[Tuple[int, float]]]]:
+    """`token_logprobs`' arrays as plain values, per row: (the token's logprob, [(id, logprob)] of the
+    likeliest alternatives, most likely first)."""
+    chosen, top_ids, top = (a.tolist() for a in reported)
+    return [(c, sorted(zip(i, t), key=lambda pair: -pair[1])) for c, i, t in zip(chosen, top_ids, top)]
+
+
 class SequenceSampler:
     """One sequence's next-token choice: the repetition penalty over its own window of ids, its own
     sampler, and its own random key stream.
@@ -126,8 +168,12 @@ class SequenceSampler:
     """
 
     def __init__(self, temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
-                 repetition_context_size: int, seed: Optional[int], seen: Optional[mx.array] = None):
-        """`seen` [B, N]: ids before the first sampled token (the penalty looks at their last ones)."""
+                 repetition_context_size: int, seed: Optional[int], seen: Optional[mx.array] = None, *,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: Sequence[Tuple[int, float]] = (), logprobs: Optional[int] = None):
+        """`seen` [B, N]: ids before the first sampled token (the penalty looks at their last ones).
+        `presence_penalty`/`frequency_penalty` count the tokens this sampler chose; `logit_bias` is added
+        last; with `logprobs`, `reported` holds the last draw's `token_logprobs` (after all of them)."""
         self._sampler = make_sampler(temperature, top_k, top_p, min_p)
         self._penalty = (make_repetition_penalty(repetition_penalty, repetition_context_size)
                          if repetition_penalty != 1.0 else None)
@@ -136,6 +182,11 @@ class SequenceSampler:
         self._window = None  # [B, <= window size]: the ids the penalty looks at
         if self._penalty is not None and seen is not None:
             self._window = seen[:, max(0, seen.shape[1] - repetition_context_size):]
+        self._presence, self._frequency = presence_penalty, frequency_penalty
+        self._counts = None  # [B, V]: how often each token was chosen (presence / frequency penalties)
+        self._bias_pairs, self._bias = tuple(logit_bias), None
+        self._logprobs = logprobs
+        self.reported: Optional[Tuple[mx.array, mx.array, mx.array]] = None
 
     def next_key(self) -> Optional[mx.array]:
         """The next key of this sequence's stream (None without a seed: MLX's global random state)."""
@@ -148,7 +199,20 @@ class SequenceSampler:
         """The next tokens [B] for float32 `logits` [B, V]; the penalty window then takes them in."""
         if self._penalty is not None and self._window is not None:
             logits = self._penalty(self._window, logits)
+        counting = bool(self._presence or self._frequency)
+        if counting:
+            if self._counts is None:
+                self._counts = mx.zeros(logits.shape, dtype=mx.float32)
+            logits = apply_token_penalties(logits, self._counts, self._presence, self._frequency)
+        if self._bias_pairs:
+            if self._bias is None:
+                self._bias = logit_bias_vector(self._bias_pairs, logits.shape[-1])
+            logits = logits + self._bias
         token = self._sampler(logits, self.next_key())
+        if counting:
+            self._counts = self._counts + (mx.arange(logits.shape[-1])[None, :] == token[:, None])
+        if self._logprobs is not None:
+            self.reported = token_logprobs(logits, token, self._logprobs)
         if self._penalty is not None:  # a fixed-size window: drop the oldest id once it is full
             if self._window is None:
                 self._window = token[:, None]

@@ -214,7 +214,8 @@ def test_cache_prompt_errors_are_one_line(capsys, dirs, tmp_path, case):
 def test_serve_reloads_the_prefixes_it_saved_on_shutdown(capsys, monkeypatch, dirs, tmp_path):
     """serve --prompt-cache-dir: a conversation cached before a restart is served from the cache after it."""
     from openelm_mlx.engine import Engine, Job
-    from openelm_mlx.openai_api import COMPLETION, ServedModel, parse_request
+    from openelm_mlx.openai_api import COMPLETION, ServedModel
+    from openelm_mlx.openai_requests import parse_request
     from openelm_mlx.prompt_format import RAW
 
     (tmp_path / "cache").mkdir()

@@ -12,7 +12,8 @@ from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.generation import new_cache
-from openelm_mlx.openai_api import COMPLETION, ServedModel, parse_request
+from openelm_mlx.openai_api import COMPLETION, ServedModel
+from openelm_mlx.openai_requests import parse_request
 from openelm_mlx.prompt_cache import PromptCache, ReuseStats
 from openelm_mlx.prompt_format import RAW
 from openelm_mlx.prompt_store import PrefixStore
