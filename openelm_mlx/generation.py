@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 
 from .cache import DEFAULT_KEEP, KVCache, make_cache
+from .constraints import Constraint, ConstraintState, apply_masks, mask_rows
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
@@ -39,6 +40,8 @@ class GenerationOptions:
     # docs-draft, acceptance falls from 0.71 (k=1) to 0.50 (2), 0.41 (3), 0.34 (4), and a verify pass over
     # 4+ tokens costs far more than over 3 on the CPU; see docs/generate.md#speculative-decoding.
     num_draft_tokens: int = 2
+    # Structured output: the text must match this (JSON schema, regex, choice, grammar); see constraints.py.
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,10 +65,17 @@ class GenerationOptions:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings", self.stop),
             (isinstance(self.num_draft_tokens, int) and self.num_draft_tokens > 0,
              "num_draft_tokens must be a positive integer", self.num_draft_tokens),
+            (self.constraint is None or isinstance(self.constraint, Constraint),
+             "constraint must be an openelm_mlx.Constraint (Constraint.json_schema(...), .regex(...), ...)",
+             self.constraint),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise InvalidOptionError(f"{message}, got {value!r}")
+        if self.constraint is not None and self.stop:
+            # A stop string could cut the text short of what the constraint requires.
+            raise InvalidOptionError("stop strings cannot be combined with a constraint: the constraint decides "
+                                     "where the text ends (drop the stop strings)")
 
     def scoring(self) -> Scoring:
         """The penalty and sampler settings as one `Scoring` (what speculative decoding compares p and q by)."""
@@ -187,7 +197,8 @@ def cache_window(model: Model, options: GenerationOptions) -> Optional[int]:
 
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
                   limit: int, *, history: Optional[mx.array] = None,
-                  speculation: Optional[Speculation] = None) -> Iterator[List[int]]:
+                  speculation: Optional[Speculation] = None,
+                  constraints: Optional[Sequence[ConstraintState]] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
     `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
@@ -197,6 +208,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     proposes, the target scores the last token and the drafts in one pass, the rejected positions are
     trimmed, and the accepted drafts plus one target token are yielded one by one (the counters in
     `speculation` say whether each came from the draft). The drafter sees history + ids + generated.
+    With `constraints` (one state per row), every token is drawn from the logits its row's constraint
+    allows, after the penalty; a state has taken each token by the time it is yielded. This costs the
+    pipelining: the next step's mask needs the token on the host (its forward pass still overlaps the mask).
     However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
     yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
     and what it held before if it failed before the first token.
@@ -220,6 +234,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
         logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
         if penalty is not None:
             logits = penalty(window, logits)
+        if constraints is not None:
+            mx.async_eval(logits)  # the forward pass runs while the CPU computes the masks
+            logits = apply_masks(logits, constraints)
         sub = None
         if key is not None:
             key, sub = mx.random.split(key)
@@ -246,6 +263,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
         if speculation is not None:
             sequence = ([] if history is None else history[0].tolist()) + ids[0].tolist()
             pending, from_draft = [token.item()], 0  # to yield; how many at its front are accepted drafts
+            constraint = constraints[0] if constraints is not None else None
+            if constraint is not None:
+                constraint.advance(pending[0])
             while True:
                 for i, pending_token in enumerate(pending):
                     speculation.last_from_draft = i < from_draft
@@ -258,8 +278,11 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                 if key is not None:
                     key, round_key = mx.random.split(key)
                 pending, from_draft = _verify_round(model, cache, sequence, scoring, speculation,
-                                                    limit - delivered, round_key)
+                                                    limit - delivered, round_key, constraint)
         for n in range(1, limit + 1):
+            if constraints is not None:  # the next mask depends on this token: wait for it
+                for state, row_token in zip(constraints, token.tolist()):
+                    state.advance(row_token)
             if n < limit:
                 next_token = step(token[:, None])
                 mx.async_eval(next_token)
@@ -275,11 +298,14 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
 
 
 def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scoring: Scoring,
-                  speculation: Speculation, remaining: int, key: Optional[mx.array]) -> Tuple[List[int], int]:
+                  speculation: Speculation, remaining: int, key: Optional[mx.array],
+                  constraint: Optional[ConstraintState] = None) -> Tuple[List[int], int]:
     """One speculative round after `sequence` (the cache holds all of it but the last id): draft, score
     the last id and the drafts in one target pass, keep what the target agrees with and trim the rest.
     Returns (the tokens to emit: accepted drafts, then one target token; how many drafts are among them).
-    Never more than `remaining` tokens."""
+    Never more than `remaining` tokens. With a `constraint`, each position's logits are masked by the
+    state after the drafts before it, so a draft the constraint refuses is rejected like one the target
+    would not draw; the constraint ends the round having taken exactly the returned tokens."""
     draft_key = None
     if key is not None:
         key, draft_key = mx.random.split(key)
@@ -291,6 +317,8 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
     hidden = model.hidden(mx.array([sequence[-1:] + drafts]), cache)
     logits = model.logits(hidden[0]).astype(mx.float32)  # [k + 1, V]: after the last id and each draft
     logits = scoring.penalise(logits, [sequence + drafts[:j] for j in range(len(drafts) + 1)])
+    if constraint is not None:
+        logits = mask_rows(logits, constraint.draft_masks(drafts, logits.shape[-1]))
     if scoring.greedy:
         targets = mx.argmax(logits, axis=-1).tolist()
         accepted = next((j for j, d in enumerate(drafts) if d != targets[j]), len(drafts))
@@ -299,6 +327,9 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
         accepted, follow = accept_drafts(scoring.probabilities(logits), q, drafts, key)
     for layer_cache in cache:  # the rejected drafts leave the cache; the accepted ones stay
         layer_cache.trim(len(drafts) - accepted)
+    if constraint is not None:
+        for emitted in drafts[:accepted] + [follow]:
+            constraint.advance(emitted)
     speculation.drafted += len(drafts)
     speculation.accepted += accepted
     speculation.target_passes += 1
@@ -325,6 +356,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     and sampling keeps the target's distribution; each response says whether its token was an accepted
     draft (`from_draft`) and carries the running drafted / accepted counts. A draft model drafts from
     `context_ids` + prompt + generated, so pass all the ids the cache holds.
+
+    With `options.constraint` the text matches it: generation ends ("stop") once the constraint is
+    finished, or with EOS, which it allows only when the text is complete; "length" means it was cut short.
     """
     options = options or GenerationOptions()
     speculation = _speculation(model, draft, options)
@@ -341,11 +375,13 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     recent = list(context_ids)[-options.repetition_context_size:] if speculation is None else list(context_ids)
     history = mx.array([recent]) if recent else None
     completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
+    constraint = options.constraint.start(tokenizer) if options.constraint is not None else None
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
-    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation)
+    tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation,
+                           constraints=None if constraint is None else [constraint])
     try:
         for n, (token,) in enumerate(tokens, 1):
             if speculation is not None:
@@ -359,8 +395,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             stats.generation_tokens = n
             stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
             text, ended = completion.add(token)
-            finish = "stop" if ended else ("length" if n == limit else None)
-            if finish == "length":
+            done = not ended and constraint is not None and constraint.is_finished  # only EOS could follow
+            finish = "stop" if ended or done else ("length" if n == limit else None)
+            if finish == "length" or done:
                 text += completion.finish()
             stats.peak_memory_bytes = mx.get_peak_memory()
             if finish:
@@ -420,15 +457,18 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
     ids = mx.array([[0] * pad + r for pad, r in zip(pads, rows)])  # pad id is never attended to
     cache = make_cache(len(model.layers), left_padding=pads)
     completions = [CompletionText(tokenizer, options.stop) for _ in rows]
+    constraints = [options.constraint.start(tokenizer) for _ in rows] if options.constraint is not None else None
     texts: List[List[str]] = [[] for _ in rows]
     out_tokens: List[List[int]] = [[] for _ in rows]
     finish: List[Optional[str]] = [None] * len(rows)
-    for n, step_tokens in enumerate(decode_tokens(model, ids, cache, options, limit), 1):
+    for n, step_tokens in enumerate(decode_tokens(model, ids, cache, options, limit, constraints=constraints), 1):
         for i, token in enumerate(step_tokens):
             if finish[i]:
                 continue
             out_tokens[i].append(token)
             text, ended = completions[i].add(token)
+            if not ended and constraints is not None and constraints[i].is_finished:
+                text, ended = text + completions[i].finish(), True
             finish[i] = "stop" if ended else None
             texts[i].append(text)
         if all(finish):
