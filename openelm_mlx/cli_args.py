@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Optional, Tuple
 
+from .constraints import Constraint
 from .drafting import PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
 from .generation import GenerationOptions, GenerationResponse
 from .loading import load
 from .model import Model
+from .errors import ConstraintError
 from .synthetic import PREFIX as SYNTHETIC_PREFIX
 from .tokenizer import Tokenizer
 
@@ -95,6 +99,44 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
         sliding_window=args.sliding_window,
         num_draft_tokens=getattr(args, "num_draft_tokens", _DEFAULTS["num_draft_tokens"]),  # not every command drafts
     )
+
+
+def add_constraint_options(parser: argparse.ArgumentParser) -> None:
+    """Structured output: --json-schema, --json-object, --regex, --choice or --grammar (one of them)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--json-schema", metavar="FILE|JSON",
+                       help="the output is JSON matching this JSON Schema (a file, or the schema itself)")
+    which.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+    which.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression as a whole")
+    which.add_argument("--choice", action="append", metavar="TEXT",
+                       help="the output is one of these strings (repeat: --choice yes --choice no)")
+    which.add_argument("--grammar", metavar="FILE",
+                       help="the output follows this context-free grammar (llguidance's Lark syntax, rule 'start')")
+
+
+def constraint_from_args(args: argparse.Namespace) -> Optional[Constraint]:
+    """The Constraint the structured-output flags ask for (None: free text); a bad one raises ConstraintError."""
+    if args.json_schema is not None:
+        source = Path(args.json_schema).expanduser()
+        text = source.read_text(encoding="utf-8") if source.is_file() else args.json_schema
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = f"{source} is not valid JSON" if source.is_file() else "it is neither a file nor valid JSON"
+            raise ConstraintError(f"--json-schema: {where} ({e})") from None
+        return Constraint.json_schema(schema)
+    if args.json_object:
+        return Constraint.any_json()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.choice:
+        return Constraint.choice(args.choice)
+    if args.grammar is not None:
+        path = Path(args.grammar).expanduser()
+        if not path.is_file():
+            raise ConstraintError(f"--grammar: {path} is not a file (give a Lark grammar file)")
+        return Constraint.grammar(path.read_text(encoding="utf-8"))
+    return None
 
 
 def load_from_args(args: argparse.Namespace) -> Tuple[Model, Tokenizer]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from . import __version__
 from .bench.cli import register as register_bench
 from .chat import register as register_chat
-from .cli_args import (add_draft_options, add_model_options, add_sampling_options, context_full_notice,
-                       drafter_from_args, load_from_args, options_from_args, speculation_summary)
+from .cli_args import (add_constraint_options, add_draft_options, add_model_options, add_sampling_options,
+                       constraint_from_args, context_full_notice, drafter_from_args, load_from_args, options_from_args,
+                       speculation_summary)
 from .convert.cli import register as register_convert
 from .generation import stream_generate
 from .prompt_format import (RAW, Message, add_system_prompt_option, add_template_options, conversation_ids,
@@ -47,12 +49,14 @@ def _register_generate(subparsers) -> None:
     gen.add_argument("--quiet", action="store_true", help="print no statistics")
     add_sampling_options(gen)
     add_draft_options(gen)
+    add_constraint_options(gen)
     gen.set_defaults(run=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`openelm-mlx generate`: the completion to stdout, statistics to stderr."""
-    options = options_from_args(args)  # validate before the slow load
+    # Validate before the slow load.
+    options = replace(options_from_args(args), constraint=constraint_from_args(args))
     template = template_from_args(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_from_args(args)

@@ -244,4 +244,10 @@ class _VocabularyView:
 
 
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message and message.strip() else ""
+    """llguidance's message on one line: its first line, plus the "error: ..." detail a regex parse error
+    puts further down."""
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    detail = next((line for line in lines[1:] if line.startswith("error:")), None)
+    return f"{lines[0]} {detail}" if detail and lines[0].endswith(":") else lines[0]
