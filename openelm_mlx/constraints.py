@@ -28,9 +28,10 @@ INSTALL_HINT = "structured output needs llguidance: pip install 'openelm-mlx[str
 _SPACE = "\u2581"
 # llguidance marks special (control) tokens with a leading 0xFF byte, which never occurs in UTF-8 text.
 _SPECIAL_PREFIX = b"\xff"
-# A prefix whose pieces never merge with what follows ("▁", "<0x0A>"): tokenizing after it avoids
-# SentencePiece's dummy-prefix space, so the pieces spell exactly the text (llguidance needs that).
-_NEUTRAL_PREFIX = "\n"
+# llguidance tokenizes the text a constraint forces (e.g. '{"name": "') with our tokenizer and allows
+# the first of those tokens, so the tokens must spell exactly that text. SentencePiece prepends a space
+# (its dummy prefix): tokenizing after a character that no piece merges with (byte fallback) avoids it.
+_NEUTRAL_PREFIX = "\u2603"
 # The lltokenizers built so far, one per Tokenizer (building one takes about a second for 32k pieces).
 _LLTOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
 # JSON is written with fixed separators and no other whitespace: with llguidance's default (any
@@ -233,14 +234,34 @@ class _VocabularyView:
         self.tokens = [_SPECIAL_PREFIX + sp.id_to_piece(i).encode("utf-8") if i in special
                        else tokenizer.piece_bytes(i) for i in range(tokenizer.vocab_size)]
         self._prefix = tokenizer.encode(_NEUTRAL_PREFIX, add_bos=False)
+        self._ids_by_bytes = {}
+        for i in range(tokenizer.vocab_size):
+            if i not in special and self.tokens[i]:
+                self._ids_by_bytes.setdefault(self.tokens[i], i)
+        self._longest = max(map(len, self._ids_by_bytes), default=1)
 
     def __call__(self, text: Union[str, bytes]) -> List[int]:
-        """Token ids that spell exactly `text` (no dummy-prefix space)."""
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        ids = self._tokenizer.encode(_NEUTRAL_PREFIX + text, add_bos=False)
+        """Token ids that spell exactly `text`: SentencePiece's own when they do (no dummy-prefix space,
+        no normalization change), else the longest pieces from the left (byte pieces where need be)."""
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        ids = self._tokenizer.encode(_NEUTRAL_PREFIX + data.decode("utf-8", errors="replace"), add_bos=False)
         n = len(self._prefix)
-        return ids[n:] if ids[:n] == self._prefix else self._tokenizer.encode(text, add_bos=False)
+        if ids[:n] == self._prefix and b"".join(self.tokens[i] for i in ids[n:]) == data:
+            return ids[n:]
+        return self._longest_pieces(data)
+
+    def _longest_pieces(self, data: bytes) -> List[int]:
+        ids, at = [], 0
+        while at < len(data):
+            for size in range(min(self._longest, len(data) - at), 0, -1):
+                token = self._ids_by_bytes.get(data[at:at + size])
+                if token is not None:
+                    ids.append(token)
+                    at += size
+                    break
+            else:  # no piece has this byte (a vocabulary without byte fallback): skip it
+                at += 1
+        return ids
 
 
 def _first_line(message: str) -> str:

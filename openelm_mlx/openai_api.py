@@ -10,7 +10,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, List, Optional, Tuple
 
-from .errors import InvalidOptionError
+from .constraints import Constraint
+from .errors import ConstraintError, InvalidOptionError
 from .generation import GenerationOptions
 from .prompt_format import ChatTemplate, Message, PromptFormatError, conversation_ids
 from .tokenizer import Tokenizer
@@ -169,6 +170,7 @@ def _options(data: dict, max_tokens: Optional[int], context_length: int) -> Gene
         raise APIError(400, "'stop' must be a non-empty string or an array of them", param="stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+    constraint = parse_response_format(data.get("response_format"))
     try:
         options = GenerationOptions(
             max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
@@ -179,6 +181,7 @@ def _options(data: dict, max_tokens: Optional[int], context_length: int) -> Gene
             repetition_penalty=_field(data, "repetition_penalty", float, defaults.repetition_penalty),
             seed=_field(data, "seed", int, None),
             stop=stops,
+            constraint=constraint,
         )
     except InvalidOptionError as e:
         raise APIError(400, str(e)) from None
@@ -186,6 +189,34 @@ def _options(data: dict, max_tokens: Optional[int], context_length: int) -> Gene
         # An explicit seed per request: sampling never touches MLX's global random state from the worker.
         options = replace(options, seed=random.SystemRandom().randrange(2 ** 31))
     return options
+
+
+def parse_response_format(response_format: Any) -> Optional[Constraint]:
+    """OpenAI's `response_format` as a Constraint: None for absent or {"type": "text"}, any JSON object for
+    {"type": "json_object"}, the schema of {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}} (always enforced, strict or not). Raises APIError 400 with the reason for anything else."""
+    if response_format is None:
+        return None
+    where = "response_format"
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise APIError(400, "'response_format' must be an object with a 'type': 'text', 'json_object' or "
+                            "'json_schema'", param=where)
+    kind = response_format["type"]
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint.any_json()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format.json_schema must be an object with the JSON Schema under "
+                                    "'schema' (and a 'name')", param="response_format.json_schema")
+            return Constraint.json_schema(spec["schema"])
+    except ConstraintError as e:
+        raise APIError(400, f"response_format: {e}", param=where, code="invalid_response_format") from None
+    raise APIError(400, f"response_format type {json.dumps(kind)} is not supported: use 'text', 'json_object' or "
+                        "'json_schema'", param=where)
 
 
 # ---------------------------------------------------------------------------------------- responses
