@@ -117,14 +117,7 @@ def add_constraint_options(parser: argparse.ArgumentParser) -> None:
 def constraint_from_args(args: argparse.Namespace) -> Optional[Constraint]:
     """The Constraint the structured-output flags ask for (None: free text); a bad one raises ConstraintError."""
     if args.json_schema is not None:
-        source = Path(args.json_schema).expanduser()
-        text = source.read_text(encoding="utf-8") if source.is_file() else args.json_schema
-        try:
-            schema = json.loads(text)
-        except json.JSONDecodeError as e:
-            where = f"{source} is not valid JSON" if source.is_file() else "it is neither a file nor valid JSON"
-            raise ConstraintError(f"--json-schema: {where} ({e})") from None
-        return Constraint.json_schema(schema)
+        return Constraint.json_schema(_schema_argument(args.json_schema))
     if args.json_object:
         return Constraint.any_json()
     if args.regex is not None:
@@ -137,6 +130,21 @@ def constraint_from_args(args: argparse.Namespace) -> Optional[Constraint]:
             raise ConstraintError(f"--grammar: {path} is not a file (give a Lark grammar file)")
         return Constraint.grammar(path.read_text(encoding="utf-8"))
     return None
+
+
+def _schema_argument(value: str):
+    """--json-schema's value: the schema as JSON text, else the path of a file holding it."""
+    if value.lstrip().startswith("{"):
+        text, where = value, "it is not valid JSON"
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConstraintError(f"--json-schema: {value} is neither a file nor a JSON object")
+        text, where = path.read_text(encoding="utf-8"), f"{path} is not valid JSON"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConstraintError(f"--json-schema: {where} ({e})") from None
 
 
 def load_from_args(args: argparse.Namespace) -> Tuple[Model, Tokenizer]:

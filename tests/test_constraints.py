@@ -257,7 +257,9 @@ def test_cli_constraint_flags(lm, tmp_path, capsys, spm_model):
         assert out.endswith("\n") and check(out[:-1]), (flags, out)
     for flags, message in [
         (["--json-schema", '{"type": "wat"}'], "invalid JSON schema: Invalid type: wat"),
-        (["--json-schema", "{nope"], "--json-schema: it is neither a file nor valid JSON"),
+        (["--json-schema", "{nope"], "--json-schema: it is not valid JSON"),
+        (["--json-schema", str(tmp_path / "missing.json")], "is neither a file nor a JSON object"),
+        (["--json-schema", json.dumps({"type": "object", "description": "x" * 300})[:-1]], "it is not valid JSON"),
         (["--grammar", str(tmp_path / "missing.lark")], "is not a file"),
         (["--regex", "x", "--stop", "y"], "stop strings cannot be combined with a constraint"),
     ]:
