@@ -24,8 +24,6 @@ from .errors import ConstraintError
 from .tokenizer import Tokenizer
 
 INSTALL_HINT = "structured output needs llguidance: pip install 'openelm-mlx[structured]'"
-# SentencePiece's word-start marker, which decodes to a space.
-_SPACE = "\u2581"
 # llguidance marks special (control) tokens with a leading 0xFF byte, which never occurs in UTF-8 text.
 _SPECIAL_PREFIX = b"\xff"
 # llguidance tokenizes the text a constraint forces (e.g. '{"name": "') with our tokenizer and allows
