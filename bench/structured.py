@@ -146,6 +146,8 @@ def measure_validity(model, tokenizer, samples: int, max_tokens: int) -> Dict[st
         free = generate(model, tokenizer, PROMPT, GenerationOptions(**sampling))
         counts["free"] += _valid(free.text, False)
         counts["free_lenient"] += _valid(free.text, True)
+        if (seed + 1) % 10 == 0:
+            print(f"[{seed + 1}/{samples} samples]", file=sys.stderr, flush=True)
     return {"samples": samples, **{f"{k}_rate": v / samples for k, v in counts.items()}}
 
 
