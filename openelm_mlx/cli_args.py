@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Optional, Tuple, Union
 
 from .cache import KV_BITS, KV_GROUP_SIZES
+from .constraints import Constraint
 from .drafting import ADAPTIVE, PROMPT_LOOKUP_NGRAM, DraftModel, Drafter, PromptLookup, auto_draft_source
 from .generation import GenerationOptions, GenerationResponse
 from .loading import load
 from .model import Model
+from .errors import ConstraintError
 from .synthetic import PREFIX as SYNTHETIC_PREFIX
 from .tokenizer import Tokenizer
 
@@ -139,6 +143,52 @@ def server_defaults_from_args(args: argparse.Namespace) -> GenerationOptions:
     """The GenerationOptions that serve's sampling flags make the requests' defaults (validated)."""
     return GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+
+
+def add_constraint_options(parser: argparse.ArgumentParser) -> None:
+    """Structured output: --json-schema, --json-object, --regex, --choice or --grammar (one of them)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--json-schema", metavar="FILE|JSON",
+                       help="the output is JSON matching this JSON Schema (a file, or the schema itself)")
+    which.add_argument("--json-object", action="store_true", help="the output is a JSON object (any)")
+    which.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression as a whole")
+    which.add_argument("--choice", action="append", metavar="TEXT",
+                       help="the output is one of these strings (repeat: --choice yes --choice no)")
+    which.add_argument("--grammar", metavar="FILE",
+                       help="the output follows this context-free grammar (llguidance's Lark syntax, rule 'start')")
+
+
+def constraint_from_args(args: argparse.Namespace) -> Optional[Constraint]:
+    """The Constraint the structured-output flags ask for (None: free text); a bad one raises ConstraintError."""
+    if args.json_schema is not None:
+        return Constraint.json_schema(_schema_argument(args.json_schema))
+    if args.json_object:
+        return Constraint.any_json()
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.choice:
+        return Constraint.choice(args.choice)
+    if args.grammar is not None:
+        path = Path(args.grammar).expanduser()
+        if not path.is_file():
+            raise ConstraintError(f"--grammar: {path} is not a file (give a Lark grammar file)")
+        return Constraint.grammar(path.read_text(encoding="utf-8"))
+    return None
+
+
+def _schema_argument(value: str):
+    """--json-schema's value: the schema as JSON text, else the path of a file holding it."""
+    if value.lstrip().startswith("{"):
+        text, where = value, "it is not valid JSON"
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConstraintError(f"--json-schema: {value} is neither a file nor a JSON object")
+        text, where = path.read_text(encoding="utf-8"), f"{path} is not valid JSON"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConstraintError(f"--json-schema: {where} ({e})") from None
 
 
 def load_from_args(args: argparse.Namespace) -> Tuple[Model, Tokenizer]:

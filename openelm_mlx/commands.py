@@ -14,8 +14,9 @@ from pathlib import Path
 from . import __version__
 from .bench.cli import register as register_bench
 from .chat import register as register_chat
-from .cli_args import (add_draft_options, add_kv_cache_options, add_model_options, add_sampling_options,
-                       context_full_notice, drafter_from_args, load_from_args, options_from_args, speculation_summary)
+from .cli_args import (add_constraint_options, add_draft_options, add_kv_cache_options, add_model_options,
+                       add_sampling_options, constraint_from_args, context_full_notice, drafter_from_args,
+                       load_from_args, options_from_args, speculation_summary)
 from .convert.cli import register as register_convert
 from .errors import ContextLengthError, OpenELMError
 from .generation import GenerationOptions, new_cache, stream_generate
@@ -56,12 +57,14 @@ def _register_generate(subparsers) -> None:
                      help="start from a KV cache written by openelm-mlx cache-prompt (the prompt must begin with "
                           "its text); only the rest of the prompt is prefilled")
     add_draft_options(gen)
+    add_constraint_options(gen)
     gen.set_defaults(run=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`openelm-mlx generate`: the completion to stdout, statistics to stderr."""
-    options = options_from_args(args)  # validate before the slow load
+    # Validate before the slow load.
+    options = replace(options_from_args(args), constraint=constraint_from_args(args))
     template = template_from_args(args)
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_from_args(args)

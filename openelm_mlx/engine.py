@@ -24,6 +24,7 @@ from typing import Deque, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .cache import DEFAULT_KV_GROUP_SIZE, KVCache, RowCaches
+from .constraints import ConstraintState
 from .drafting import Drafter
 from .errors import InvalidOptionError, OpenELMError
 from .generation import (CompletionText, GenerationOptions, GenerationResponse, GenerationResult, Prompt,
@@ -59,10 +60,16 @@ class _Row:
         self.completion = completion
         seen = (context + new_ids)[-options.repetition_context_size:]
         self.sample = options.sequence_sampler(mx.array([seen]))
+        self.constraint = None  # a ConstraintState when options.constraint is set (_new_row)
         self.last_token: Optional[int] = None  # generated, not fed yet
         self.stats = GenerationResponse(text="", token=-1, prompt_tokens=len(job.request.prompt_ids))
         self.started = time.perf_counter()
         self.first_at = self.started
+
+    @property
+    def constraints(self) -> Optional[List[ConstraintState]]:
+        """The row's constraint state as the sampler takes it (None: free text)."""
+        return None if self.constraint is None else [self.constraint]
 
 
 class Engine:
@@ -188,8 +195,11 @@ class Engine:
         job.reuse.cached_tokens, job.reuse.prefilled_tokens = len(context), len(new_ids)
         limit = options.max_tokens if room is None else min(options.max_tokens, room)
         completion = CompletionText(self.tokenizer, options.stop, continues_text=self._continues_text(job))
-        return _Row(job, cache, context, list(new_ids), options, limit,
-                    room is not None and room < options.max_tokens, completion)
+        row = _Row(job, cache, context, list(new_ids), options, limit,
+                   room is not None and room < options.max_tokens, completion)
+        if options.constraint is not None:
+            row.constraint = options.constraint.start(self.tokenizer)
+        return row
 
     def _continues_text(self, job: Job) -> bool:
         """Whether the completion's first word keeps its space. decode() drops it at the start of a text, but
@@ -235,7 +245,7 @@ class Engine:
             if not row.pending:  # max_tokens 0: the prompt is in the cache, nothing to generate
                 self._emit_final(row, replace(row.stats, finish_reason="length", context_full=row.context_full))
             return
-        token = row.sample(self.model.logits(hidden[:, -1, :]).astype(mx.float32))
+        token = row.sample(self.model.logits(hidden[:, -1, :]).astype(mx.float32), row.constraints)
         self._emit(row, token.item())
 
     def _decode(self, rows: List[_Row]) -> None:
@@ -246,7 +256,7 @@ class Engine:
         logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)  # [B, V]
         for row in rows:
             row.fed.append(row.last_token)
-        tokens = mx.concatenate([row.sample(logits[b:b + 1]) for b, row in enumerate(rows)]).tolist()
+        tokens = mx.concatenate([row.sample(logits[b:b + 1], row.constraints) for b, row in enumerate(rows)]).tolist()
         for row, token in zip(rows, tokens):
             self._emit(row, token)
 
@@ -262,8 +272,12 @@ class Engine:
         stats.generation_tps = (n - 1) / (now - row.first_at) if n > 1 else 0.0
         stats.peak_memory_bytes = mx.get_peak_memory()
         text, ended = row.completion.add(token)
-        finish = "stop" if ended else ("length" if n == row.limit else None)
-        if finish == "length":
+        done = False
+        if row.constraint is not None:
+            row.constraint.advance(token)
+            done = not ended and row.constraint.is_finished  # only EOS could follow
+        finish = "stop" if ended or done else ("length" if n == row.limit else None)
+        if finish == "length" or done:
             text += row.completion.finish()
         response = replace(stats, text=text, token=token, finish_reason=finish,
                            context_full=finish == "length" and row.context_full)

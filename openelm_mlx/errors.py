@@ -23,3 +23,7 @@ class ContextLengthError(OpenELMError, ValueError):
 
 class InvalidOptionError(OpenELMError, ValueError):
     """A generation option is out of range."""
+
+
+class ConstraintError(OpenELMError, ValueError):
+    """A structured-output constraint (JSON schema, regex, choice, grammar) is invalid or cannot be enforced."""

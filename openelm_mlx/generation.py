@@ -10,6 +10,7 @@ from typing import Deque, Iterator, List, Mapping, Optional, Sequence, Tuple, Un
 import mlx.core as mx
 
 from .cache import DEFAULT_KEEP, DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, KVCache, make_cache
+from .constraints import Constraint, ConstraintState, mask_rows
 from .drafting import DraftModel, Drafter, Scoring, Speculation, accept_drafts, check_num_draft_tokens
 from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
@@ -55,6 +56,8 @@ class GenerationOptions:
     logit_bias: Tuple[Tuple[int, float], ...] = ()
     # Log-probabilities of each generated token and its `logprobs` likeliest alternatives (None: off).
     logprobs: Optional[int] = None
+    # Structured output: the text must match this (JSON schema, regex, choice, grammar); see constraints.py.
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,11 +96,18 @@ class GenerationOptions:
             (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                        and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
              f"logprobs must be None or the number of alternatives to report, 0 to {MAX_TOP_LOGPROBS}", self.logprobs),
+            (self.constraint is None or isinstance(self.constraint, Constraint),
+             "constraint must be an openelm_mlx.Constraint (Constraint.json_schema(...), .regex(...), ...)",
+             self.constraint),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise InvalidOptionError(f"{message}, got {value!r}")
         check_num_draft_tokens(self.num_draft_tokens)
+        if self.constraint is not None and self.stop:
+            # A stop string could cut the text short of what the constraint requires.
+            raise InvalidOptionError("stop strings cannot be combined with a constraint: the constraint decides "
+                                     "where the text ends (drop the stop strings)")
 
     def sequence_sampler(self, seen: Optional[mx.array] = None) -> SequenceSampler:
         """A fresh `SequenceSampler` for one sequence (or a batch sharing these options) that has seen the
@@ -277,7 +287,8 @@ class TokenLogprobs:
 def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: GenerationOptions,
                   limit: int, *, history: Optional[mx.array] = None,
                   speculation: Optional[Speculation] = None,
-                  logprobs: Optional[TokenLogprobs] = None) -> Iterator[List[int]]:
+                  logprobs: Optional[TokenLogprobs] = None,
+                  constraints: Optional[Sequence[ConstraintState]] = None) -> Iterator[List[int]]:
     """Prefill `ids` [B, T] in chunks, then yield up to `limit` steps of [B] sampled tokens.
 
     `history` [B, H]: ids before `ids` that the cache already holds; the repetition penalty looks at
@@ -289,6 +300,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
     `speculation` say whether each came from the draft). The drafter sees history + ids + generated.
     Presence/frequency penalties count the generated tokens only; logit_bias is added last. With
     options.logprobs, pass `logprobs`: its `last` describes the step just yielded.
+    With `constraints` (one state per row), every token is drawn from the logits its row's constraint
+    allows, after the penalty; a state has taken each token by the time it is yielded. This costs the
+    pipelining: the next step's mask needs the token on the host (its forward pass still overlaps the mask).
     However it ends (exhausted, closed, garbage collected, failed), the cache then holds `ids` and every
     yielded token but the last (the pipelined step may already have fed it): with limit 0 just `ids`,
     and what it held before if it failed before the first token.
@@ -306,7 +320,10 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
 
     def step(new_ids: mx.array) -> mx.array:
         hidden = model.hidden(new_ids, cache)
-        token = sample(model.logits(hidden[:, -1, :]).astype(mx.float32))  # only the last position's logits
+        logits = model.logits(hidden[:, -1, :]).astype(mx.float32)  # only the last position's logits
+        if constraints is not None:
+            mx.async_eval(logits)  # the forward pass runs while the CPU computes the masks
+        token = sample(logits, constraints)
         if logprobs is not None:
             logprobs.push(sample.reported)
             mx.async_eval(token, *sample.reported)
@@ -329,6 +346,9 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
         if speculation is not None:
             sequence = ([] if history is None else history[0].tolist()) + ids[0].tolist()
             pending, from_draft = [token.item()], 0  # to yield; how many at its front are accepted drafts
+            constraint = constraints[0] if constraints is not None else None
+            if constraint is not None:
+                constraint.advance(pending[0])
             while True:
                 for i, pending_token in enumerate(pending):
                     speculation.last_from_draft = i < from_draft
@@ -339,8 +359,11 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
                 sequence += pending
                 round_key = sample.next_key()
                 pending, from_draft = _verify_round(model, cache, sequence, scoring, speculation,
-                                                    limit - delivered, round_key)
+                                                    limit - delivered, round_key, constraint)
         for n in range(1, limit + 1):
+            if constraints is not None:  # the next mask depends on this token: wait for it
+                for state, row_token in zip(constraints, token.tolist()):
+                    state.advance(row_token)
             if n < limit:
                 next_token = step(token[:, None])
                 mx.async_eval(next_token)
@@ -358,11 +381,14 @@ def decode_tokens(model: Model, ids: mx.array, cache: List[KVCache], options: Ge
 
 
 def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scoring: Scoring,
-                  speculation: Speculation, remaining: int, key: Optional[mx.array]) -> Tuple[List[int], int]:
+                  speculation: Speculation, remaining: int, key: Optional[mx.array],
+                  constraint: Optional[ConstraintState] = None) -> Tuple[List[int], int]:
     """One speculative round after `sequence` (the cache holds all of it but the last id): draft, score
     the last id and the drafts in one target pass, keep what the target agrees with and trim the rest.
     Returns (the tokens to emit: accepted drafts, then one target token; how many drafts are among them).
-    Never more than `remaining` tokens."""
+    Never more than `remaining` tokens. With a `constraint`, each position's logits are masked by the
+    state after the drafts before it, so a draft the constraint refuses is rejected like one the target
+    would not draw; the constraint ends the round having taken exactly the returned tokens."""
     draft_key = None
     if key is not None:
         key, draft_key = mx.random.split(key)
@@ -374,6 +400,8 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
     hidden = model.hidden(mx.array([sequence[-1:] + drafts]), cache)
     logits = model.logits(hidden[0]).astype(mx.float32)  # [k + 1, V]: after the last id and each draft
     logits = scoring.penalise(logits, [sequence + drafts[:j] for j in range(len(drafts) + 1)])
+    if constraint is not None:
+        logits = mask_rows(logits, constraint.draft_masks(drafts, logits.shape[-1]))
     if scoring.greedy:
         targets = mx.argmax(logits, axis=-1).tolist()
         accepted = next((j for j, d in enumerate(drafts) if d != targets[j]), len(drafts))
@@ -382,6 +410,9 @@ def _verify_round(model: Model, cache: List[KVCache], sequence: List[int], scori
         accepted, follow = accept_drafts(scoring.probabilities(logits), q, drafts, key)
     for layer_cache in cache:  # the rejected drafts leave the cache; the accepted ones stay
         layer_cache.trim(len(drafts) - accepted)
+    if constraint is not None:
+        for emitted in drafts[:accepted] + [follow]:
+            constraint.advance(emitted)
     speculation.record_round(len(drafts), accepted)
     return drafts[:accepted] + [follow], accepted
 
@@ -406,6 +437,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     and sampling keeps the target's distribution; each response says whether its token was an accepted
     draft (`from_draft`) and carries the running drafted / accepted counts. A draft model drafts from
     `context_ids` + prompt + generated, so pass all the ids the cache holds.
+
+    With `options.constraint` the text matches it: generation ends ("stop") once the constraint is
+    finished, or with EOS, which it allows only when the text is complete; "length" means it was cut short.
     """
     options = options or GenerationOptions()
     speculation = _speculation(model, draft, options)
@@ -427,13 +461,14 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
     recent = list(context_ids)[-options.repetition_context_size:] if speculation is None else list(context_ids)
     history = mx.array([recent]) if recent else None
     completion = CompletionText(tokenizer, options.stop, continues_text=continues_text)
+    constraint = options.constraint.start(tokenizer) if options.constraint is not None else None
     mx.reset_peak_memory()
     stats = GenerationResponse(text="", token=-1, prompt_tokens=len(ids))
     start = time.perf_counter()
     first_at = start
     recorder = TokenLogprobs() if options.logprobs is not None else None
     tokens = decode_tokens(model, mx.array([ids]), cache, options, limit, history=history, speculation=speculation,
-                           logprobs=recorder)
+                           logprobs=recorder, constraints=None if constraint is None else [constraint])
     try:
         for n, (token,) in enumerate(tokens, 1):
             if speculation is not None:
@@ -447,8 +482,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt,
             stats.generation_tokens = n
             stats.generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
             text, ended = completion.add(token)
-            finish = "stop" if ended else ("length" if n == limit else None)
-            if finish == "length":
+            done = not ended and constraint is not None and constraint.is_finished  # only EOS could follow
+            finish = "stop" if ended or done else ("length" if n == limit else None)
+            if finish == "length" or done:
                 text += completion.finish()
             stats.peak_memory_bytes = mx.get_peak_memory()
             if recorder is not None:

@@ -258,17 +258,27 @@ def build_app(worker, served: ServedModel, *, api_key: Optional[str] = None,
                      exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
 
 
+MALFORMED_LINGER_S = 1.0  # how long a connection answered 400 for malformed HTTP stays open to drain
+
+
 class H11WithJSONErrors(H11Protocol):
     """uvicorn's h11 protocol, but a request that is not valid HTTP/1.1 (request line, headers, a
     Content-Length that is not digits) gets OpenAI's JSON error body, as every other error does."""
 
     def send_400_response(self, msg: str) -> None:
+        if getattr(self, "_answered_malformed", False):  # more bytes of the same bad request
+            return
+        self._answered_malformed = True
         body = json.dumps(APIError(400, MALFORMED_HTTP).body()).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        # Close a moment later, reading meanwhile: closing with request bytes still unread makes the kernel
+        # reset the connection, which can destroy the 400 before the client reads it.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(MALFORMED_LINGER_S, self.transport.close)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -3,11 +3,14 @@ the official clients expect back. Request validation is openai_requests.py; no H
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
+from .constraints import Constraint
+from .errors import ConstraintError
 from .generation import GenerationOptions, GenerationResponse
 from .prompt_format import ChatTemplate
 from .tokenizer import Tokenizer
@@ -48,6 +51,34 @@ class ParsedRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
     speculative: bool = True  # false: no speculative decoding for this request (serve --draft-model)
+
+
+def parse_response_format(response_format: Any) -> Optional[Constraint]:
+    """OpenAI's `response_format` as a Constraint: None for absent or {"type": "text"}, any JSON object for
+    {"type": "json_object"}, the schema of {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}} (always enforced, strict or not). Raises APIError 400 with the reason for anything else."""
+    if response_format is None:
+        return None
+    where = "response_format"
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise APIError(400, "'response_format' must be an object with a 'type': 'text', 'json_object' or "
+                            "'json_schema'", param=where)
+    kind = response_format["type"]
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Constraint.any_json()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(400, "response_format.json_schema must be an object with the JSON Schema under "
+                                    "'schema' (and a 'name')", param="response_format.json_schema")
+            return Constraint.json_schema(spec["schema"])
+    except ConstraintError as e:
+        raise APIError(400, f"response_format: {e}", param=where, code="invalid_response_format") from None
+    raise APIError(400, f"response_format type {json.dumps(kind)} is not supported: use 'text', 'json_object' or "
+                        "'json_schema'", param=where)
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import InvalidOptionError
 from .generation import GenerationOptions
-from .openai_api import CHAT, APIError, ParsedRequest, ServedModel
+from .openai_api import CHAT, APIError, ParsedRequest, ServedModel, parse_response_format
 from .prompt_format import Message, PromptFormatError, conversation_ids
 from .sampling import MAX_TOP_LOGPROBS
 from .tokenizer import Tokenizer
@@ -65,6 +65,7 @@ class _Body(BaseModel):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     speculative: Optional[bool] = None  # our extension: false opts out of speculative decoding
+    response_format: Any = None  # checked by openai_api.parse_response_format
 
 
 class ChatBody(_Body):
@@ -218,9 +219,11 @@ def _options(request: _Body, max_tokens: Optional[int], logprobs: Optional[int],
                                 f"got {json.dumps(token)[:40]}", param="logit_bias")
         bias[int(token)] = value
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if getattr(request, name) is not None}
+    constraint = parse_response_format(request.response_format)
     try:
         options = replace(defaults, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-                          seed=request.seed, stop=stops, logit_bias=bias, logprobs=logprobs, **given)
+                          seed=request.seed, stop=stops, logit_bias=bias, logprobs=logprobs, constraint=constraint,
+                          **given)
     except InvalidOptionError as e:
         field_name = next((name for name in ("seed", "logit_bias", *SAMPLING_FIELDS) if str(e).startswith(name)), None)
         raise APIError(400, str(e), param=field_name) from None

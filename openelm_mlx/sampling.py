@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .constraints import ConstraintState, apply_masks
 from .errors import InvalidOptionError
 
 # logits [B, V] float32, PRNG key or None (global state) -> token ids [B]
@@ -195,8 +196,11 @@ class SequenceSampler:
         self._key, sub = mx.random.split(self._key)
         return sub
 
-    def __call__(self, logits: mx.array) -> mx.array:
-        """The next tokens [B] for float32 `logits` [B, V]; the penalty window then takes them in."""
+    def __call__(self, logits: mx.array,
+                 constraints: Optional[Sequence[Optional[ConstraintState]]] = None) -> mx.array:
+        """The next tokens [B] for float32 `logits` [B, V]; the penalty window then takes them in. With
+        `constraints` (a state per row, None: free), each row draws only what its constraint allows,
+        after the penalties and the bias."""
         if self._penalty is not None and self._window is not None:
             logits = self._penalty(self._window, logits)
         counting = bool(self._presence or self._frequency)
@@ -208,6 +212,8 @@ class SequenceSampler:
             if self._bias is None:
                 self._bias = logit_bias_vector(self._bias_pairs, logits.shape[-1])
             logits = logits + self._bias
+        if constraints is not None:
+            logits = apply_masks(logits, constraints)
         token = self._sampler(logits, self.next_key())
         if counting:
             self._counts = self._counts + (mx.arange(logits.shape[-1])[None, :] == token[:, None])

@@ -91,6 +91,10 @@ def _write_prefix(workdir: Path) -> None:
 TOKENIZER = ("--tokenizer", "llama2-tokenizer.model")
 DOCS_TARGET = ("--model", "openelm-docs-target", *TOKENIZER)
 GREEDY_F32 = ("--dtype", "float32")
+# A small schema for the structured-output examples (docs/structured-output.md).
+DOCS_SCHEMA = ('{"type": "object", "properties": {"function": {"type": "string", "maxLength": 20}, '
+               '"returns": {"enum": ["list", "dict", "str", "None"]}, "since": {"type": "integer", "minimum": 2, '
+               '"maximum": 3}}, "required": ["function", "returns", "since"], "additionalProperties": false}')
 CONVERT_PROGRESS = r"(measuring sensitivity|converting): \d+/\d+ "
 
 EXAMPLES: Dict[str, Example] = {
@@ -103,6 +107,13 @@ EXAMPLES: Dict[str, Example] = {
                                     "--max-tokens", "100", "--stop", "versionadded", "--quiet")),), needs_data=True),
     "generate-stdin": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "-", "--max-tokens", "24",
                                      "--quiet"), stdin="def fibonacci(n):\n"),), needs_data=True),
+    "generate-json-schema": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "The sorted() function",
+                                           "--json-schema", DOCS_SCHEMA, "--max-tokens", "64", "--quiet")),),
+                                    needs_data=True),
+    "generate-choice": Example((Step(("generate", *DOCS_TARGET, *GREEDY_F32, "--prompt", "Is a tuple mutable? Answer:",
+                                      "--choice", "yes", "--choice", "no", "--quiet")),), needs_data=True),
+    "error-bad-schema": Example((Step(("generate", "--model", "synthetic:270M", "--prompt", "Hello", "--json-schema",
+                                       '{"type": "array", "uniqueItems": true}'), exit_status=2),)),
     "chat-piped": Example((Step(("chat", *DOCS_TARGET, *GREEDY_F32, "--max-tokens", "30", "--stop", "\n\n"),
                                 stdin="To create a list, use\nThe dictionary\n/reset\nExceptions are\n"),),
                           needs_data=True),
