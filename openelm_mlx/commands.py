@@ -15,7 +15,9 @@ from .chat import register as register_chat
 from .cli_args import (add_draft_options, add_model_options, add_sampling_options, context_full_notice,
                        drafter_from_args, load_from_args, options_from_args, speculation_summary)
 from .convert.cli import register as register_convert
+from .eval_command import register as register_eval
 from .generation import stream_generate
+from .perplexity import register as register_perplexity
 from .prompt_format import (RAW, Message, add_system_prompt_option, add_template_options, conversation_ids,
                             template_from_args)
 from .server import register as register_serve
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     register_chat(sub)
     register_serve(sub)
+    register_perplexity(sub)
+    register_eval(sub)
     return parser
 
 
