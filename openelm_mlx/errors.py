@@ -23,3 +23,7 @@ class ContextLengthError(OpenELMError, ValueError):
 
 class InvalidOptionError(OpenELMError, ValueError):
     """A generation option is out of range."""
+
+
+class TaskDataError(OpenELMError):
+    """An evaluation task is unknown, or its data could not be fetched (offline)."""
