@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint
 from reference import reference_logits
+from scoring_helpers import direct_log_prob, run_cli
 import openelm_mlx as om
-from openelm_mlx.cli import main
 from openelm_mlx.errors import ContextLengthError, InvalidOptionError
 from openelm_mlx.perplexity import perplexity, sliding_windows
 from openelm_mlx.scoring import log_probs, score_continuations
@@ -36,11 +35,6 @@ def lm(checkpoint):
     return om.load(checkpoint[0], dtype="float32")
 
 
-def direct_log_prob(model, context, continuation):
-    """Summed log-probability of `continuation` from one plain full-sequence float32 forward."""
-    ids = list(context) + list(continuation)
-    lp = np.array(log_probs(model, ids[:-1]))
-    return float(sum(lp[len(context) - 1 + i, t] for i, t in enumerate(continuation)))
 
 
 def reference_nll(config, state, ids):
@@ -182,13 +176,6 @@ def test_context_above_the_model_is_refused(lm):
 # ---------------------------------------------------------------------------- the command
 
 
-def run(capsys, argv):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoint):
@@ -197,7 +184,7 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
     text_file.write_text(TEXT)
     base = ["perplexity", "--model", str(checkpoint[0]), "--dtype", "float32", "--text", str(text_file),
             "--context", "16", "--stride", "8", "--batch-size", "2"]
-    code, out, err = run(capsys, base + ["--json"])
+    code, out, err = run_cli(capsys, base + ["--json"])
     assert code == 0, err
     got = json.loads(out)
     expected = perplexity(model, tokenizer.encode(TEXT), context=16, stride=8)
@@ -205,7 +192,7 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
     assert got["mean_nll"] == pytest.approx(expected.mean_nll, abs=1e-6)
     assert got["perplexity"] == pytest.approx(math.exp(got["mean_nll"]))
     assert (got["context"], got["stride"], got["windows"]) == (16, 8, expected.windows)
-    code, out, _ = run(capsys, base)
+    code, out, _ = run_cli(capsys, base)
     assert code == 0
     assert f"perplexity {expected.perplexity:.4f}" in out and f"{expected.tokens:,} tokens" in out
 
@@ -218,14 +205,14 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
 def test_command_bad_options_are_one_line_errors(capsys, tmp_path, checkpoint, extra, needle):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
-    code, out, err = run(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(text_file), *extra])
+    code, out, err = run_cli(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(text_file), *extra])
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("openelm-mlx perplexity: error: ") and needle in err, err
 
 
 def test_command_missing_text_file(capsys, tmp_path, checkpoint):
-    code, _, err = run(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(tmp_path / "nope.txt")])
+    code, _, err = run_cli(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(tmp_path / "nope.txt")])
     assert code == 2 and "cannot read the text" in err and len(err.strip().splitlines()) == 1
 
 
