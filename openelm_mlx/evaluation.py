@@ -145,6 +145,8 @@ def evaluate(model: Model, tokenizer: Tokenizer, tasks: Sequence[str], *, num_fe
     try:
         return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                task_manager=manager, log_samples=False)
+    except OpenELMError:
+        raise
     except (OSError, ValueError) as e:  # datasets' and the hub's fetch errors are OSError/ConnectionError
         dataset = _dataset_named(e, manager, tasks)
         if dataset is None:
@@ -172,6 +174,6 @@ def _dataset_named(error: BaseException, manager: TaskManager, tasks: Sequence[s
     named = [p for p in paths if p and re.search(rf"(?<![\w/-]){re.escape(p)}(?![\w/-])", text)]
     if named:
         return named[0]
-    if re.search(r"offline|couldn't reach|connection|not found on the hub|hub", text, re.IGNORECASE):
+    if re.search(r"offline|couldn't reach|connection|on the hub|huggingface\.co", text, re.IGNORECASE):
         return ", ".join(p for p in paths if p) or "a task"
     return None

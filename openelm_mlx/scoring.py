@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .cache import KVCache, make_cache
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InvalidOptionError
 from .model import Model
 
 # Positions whose logits are computed at once: bounds the [positions, vocab] float32 block
@@ -60,7 +60,7 @@ def target_log_probs(log_probs_: mx.array, targets: Sequence[int]) -> mx.array:
 @dataclass
 class _Row:
     """One request as the batch sees it: `prefix` goes through the cache first (shared by a group),
-    `tail` is run on top of it, and the tail's last `scored` positions predict the continuation."""
+    `tail` is run on top of it, and the tail's last len(targets) positions predict the continuation."""
 
     prefix: Tuple[int, ...]
     tail: List[int]
@@ -80,11 +80,11 @@ def score_continuations(model: Model, requests: Sequence[Request], *, batch_size
     `progress`, if given, is called with the number of requests scored by each forward pass.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidOptionError(f"batch_size must be at least 1, got {batch_size}")
     limit = model.args.max_context_length
     for context, continuation in requests:
         if not context or not continuation:
-            raise ValueError("every request needs a non-empty context (start it with BOS) and continuation")
+            raise InvalidOptionError("every request needs a non-empty context (start it with BOS) and continuation")
         if len(context) + len(continuation) - 1 > limit:
             raise ContextLengthError(f"a request of {len(context) + len(continuation)} tokens does not fit the "
                                      f"model's {limit}-token context: shorten it")
