@@ -67,7 +67,7 @@ def main() -> int:
         ids = tokenize(text); times = []
         state = make_state()
         for t in ids:
-            t0 = time.perf_counter(); m = mask(state); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); mask(state); times.append(time.perf_counter() - t0)
             if not advance(state, t): return None, ids
         t0 = time.perf_counter(); mask(state); times.append(time.perf_counter() - t0)
         return times, ids

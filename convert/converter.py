@@ -14,12 +14,13 @@ from openelm_mlx.errors import ConfigError, LoadError, TokenizerNotFoundError
 from openelm_mlx.loading import DEFAULT_DTYPE, DTYPES, assign_weights, check_float16
 from openelm_mlx.model import Model
 from openelm_mlx.prompt_format import ZEPHYR, ChatTemplate, default_template_name
+from openelm_mlx.scoring import log_probs
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer
 
 from .hf_tokenizer import write_tokenizer
 from .quantize import BITS, GROUP_SIZES, QuantSpec, convert_tensor, dequantize_outputs, quantization_block, uniform_plan
 from .recipe import RECIPES, mixed_plan
-from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report, log_probs
+from .report import CALIBRATION_TEXT, EVAL_TEXT, build_report, compare, format_report
 from .sources import Source, open_source
 from .writer import DEFAULT_SHARD_GB, REPORT_FILE, AtomicDirectory, write_json, write_weights
 

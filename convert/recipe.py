@@ -17,9 +17,10 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 
 from openelm_mlx.model import Model
+from openelm_mlx.scoring import log_probs, log_softmax
 
 from .quantize import BITS, QuantPlan, QuantSpec, fake_quantize
-from .report import log_probs, mean_kl, normalize
+from .report import mean_kl
 
 RECIPES = ("uniform", "mixed")
 ERROR_FALL_PER_BIT = 4.0  # quantization noise variance falls 4x per extra bit
@@ -110,4 +111,4 @@ def _layer_inputs(model: Model, ids: List[int]) -> List[mx.array]:
 def _from_layer(model: Model, h: mx.array, start: int) -> mx.array:
     for layer in model.layers[start:]:
         h = layer(h, "causal", None, 0)
-    return normalize(model.logits(model.transformer.norm(h))[0])
+    return log_softmax(model.logits(model.transformer.norm(h))[0])

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import mlx.core as mx
 
-from openelm_mlx.model import Model
+from openelm_mlx.scoring import target_log_probs
 
 # Built-in evaluation text: documentation-style English and Python (written for this project), a
 # few hundred tokens so a report takes seconds on small models.
@@ -80,29 +80,17 @@ class TextQuality:
     perplexity_quantized: float
 
 
-def log_probs(model: Model, ids: List[int]) -> mx.array:
-    """Next-token log-probabilities [T, vocab] in float32 for one sequence."""
-    return normalize(model(mx.array([ids]))[0])
-
-
-def normalize(logits: mx.array) -> mx.array:
-    """Logits -> log-probabilities, in float32."""
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-
-
 def mean_kl(reference: mx.array, candidate: mx.array) -> float:
     """Mean over positions of KL(reference || candidate), both log-probabilities [T, vocab]."""
     return (mx.exp(reference) * (reference - candidate)).sum(axis=-1).mean().item()
 
 
 def compare(reference: mx.array, candidate: mx.array, ids: List[int], name: str) -> TextQuality:
-    """Quality of `candidate` against `reference` (log-probabilities of `ids` from log_probs)."""
-    targets = mx.array(ids[1:])[:, None]
+    """Quality of `candidate` against `reference` (log-probabilities of `ids` from scoring.log_probs)."""
     ref, cand = reference[:-1], candidate[:-1]  # the last position predicts nothing in the text
 
     def perplexity(lp: mx.array) -> float:
-        return math.exp(-mx.take_along_axis(lp, targets, axis=-1).mean().item())
+        return math.exp(-target_log_probs(lp, ids[1:]).mean().item())
 
     agree = (ref.argmax(axis=-1) == cand.argmax(axis=-1)).astype(mx.float32).mean().item()
     return TextQuality(name, len(ids), mean_kl(ref, cand), agree, perplexity(ref), perplexity(cand))

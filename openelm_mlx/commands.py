@@ -19,7 +19,9 @@ from .cli_args import (add_constraint_options, add_draft_options, add_kv_cache_o
                        load_from_args, options_from_args, speculation_summary)
 from .convert.cli import register as register_convert
 from .errors import ContextLengthError, OpenELMError
+from .eval_command import register as register_eval
 from .generation import GenerationOptions, new_cache, stream_generate
+from .perplexity import register as register_perplexity
 from .prompt_files import SUFFIX, cached_prefix, check_writable, save_prompt_cache
 from .prompt_format import (RAW, Message, add_system_prompt_option, add_template_options, conversation_ids,
                             template_from_args)
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_chat(sub)
     register_serve(sub)
     _register_cache_prompt(sub)
+    register_perplexity(sub)
+    register_eval(sub)
     return parser
 
 

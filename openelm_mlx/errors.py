@@ -27,3 +27,7 @@ class InvalidOptionError(OpenELMError, ValueError):
 
 class ConstraintError(OpenELMError, ValueError):
     """A structured-output constraint (JSON schema, regex, choice, grammar) is invalid or cannot be enforced."""
+
+
+class TaskDataError(OpenELMError):
+    """An evaluation task is unknown, or its data could not be fetched (offline)."""
