@@ -1,10 +1,9 @@
-"""Shared by test_perplexity and test_eval: a direct log-likelihood and the CLI run in-process."""
+"""Shared by test_perplexity and test_eval: a direct log-likelihood to check scores against."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from openelm_mlx.cli import main
 from openelm_mlx.scoring import log_probs
 
 
@@ -14,12 +13,3 @@ def direct_log_prob(model, context, continuation) -> float:
     lp = np.array(log_probs(model, ids[:-1]))
     return float(sum(lp[len(context) - 1 + i, t] for i, t in enumerate(continuation)))
 
-
-def run_cli(capsys, argv):
-    """(exit status, stdout, stderr) of `openelm-mlx ARGV` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err

@@ -19,7 +19,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint  # noqa: E402
-from scoring_helpers import direct_log_prob, run_cli  # noqa: E402
+from scoring_helpers import direct_log_prob  # noqa: E402
+from test_cli import run_main  # noqa: E402
 import openelm_mlx as om  # noqa: E402
 from openelm_mlx.eval_command import paper_comparison  # noqa: E402
 from openelm_mlx.evaluation import OpenELMLM  # noqa: E402
@@ -78,7 +79,7 @@ def direct_accuracies(model, tokenizer):
 @pytest.mark.slow  # the harness's import and its dataset build: ~20 s
 def test_harness_accuracy_equals_direct_accuracy(capsys, tmp_path, checkpoint, lm, offline):
     output = tmp_path / "results.json"
-    code, out, err = run_cli(capsys, ["eval", "--model", str(checkpoint), "--dtype", "float32",
+    code, out, err = run_main(capsys, ["eval", "--model", str(checkpoint), "--dtype", "float32",
                                   "--include-path", "tests/data", "--tasks", TASK, "--batch-size", "3",
                                   "--output", str(output)])
     assert code == 0, err
@@ -96,7 +97,7 @@ def test_harness_accuracy_equals_direct_accuracy(capsys, tmp_path, checkpoint, l
 @pytest.mark.slow
 def test_limit_and_fewshot_reach_the_harness(capsys, tmp_path, checkpoint, offline):
     output = tmp_path / "results.json"
-    code, _, err = run_cli(capsys, ["eval", "--model", str(checkpoint), "--include-path", "tests/data",
+    code, _, err = run_main(capsys, ["eval", "--model", str(checkpoint), "--include-path", "tests/data",
                                 "--tasks", TASK, "--limit", "5", "--num-fewshot", "1", "--output", str(output)])
     assert code == 0, err
     results = json.loads(output.read_text())
@@ -182,7 +183,7 @@ def test_generate_until_is_greedy_generate_cut_at_until(lm):
 
 @pytest.mark.slow  # an unknown name is looked up in the harness's full index (~15,000 tasks, a minute)
 def test_unknown_task_is_a_one_line_error(capsys, checkpoint, offline):
-    code, out, err = run_cli(capsys, ["eval", "--model", str(checkpoint), "--tasks", "no_such_task_xyz"])
+    code, out, err = run_main(capsys, ["eval", "--model", str(checkpoint), "--tasks", "no_such_task_xyz"])
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("openelm-mlx eval: error: unknown task no_such_task_xyz"), err
@@ -197,13 +198,13 @@ def test_unknown_task_is_a_one_line_error(capsys, checkpoint, offline):
     (["--tasks", TASK, "--include-path", "no/such/dir"], "not a directory"),
 ])
 def test_bad_options_are_one_line_errors(capsys, checkpoint, offline, extra, needle):
-    code, out, err = run_cli(capsys, ["eval", "--model", str(checkpoint), *extra])
+    code, out, err = run_main(capsys, ["eval", "--model", str(checkpoint), *extra])
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err, err
 
 
 def test_tasks_and_paper_exclude_each_other(capsys, checkpoint):
-    code, _, err = run_cli(capsys, ["eval", "--model", str(checkpoint), "--tasks", TASK, "--paper"])
+    code, _, err = run_main(capsys, ["eval", "--model", str(checkpoint), "--tasks", TASK, "--paper"])
     assert code == 2 and "not allowed with argument" in err
 
 

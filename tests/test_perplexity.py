@@ -11,7 +11,8 @@ import pytest
 
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint
 from reference import reference_logits
-from scoring_helpers import direct_log_prob, run_cli
+from scoring_helpers import direct_log_prob
+from test_cli import run_main
 import openelm_mlx as om
 from openelm_mlx.errors import ContextLengthError, InvalidOptionError
 from openelm_mlx.perplexity import perplexity, sliding_windows
@@ -184,7 +185,7 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
     text_file.write_text(TEXT)
     base = ["perplexity", "--model", str(checkpoint[0]), "--dtype", "float32", "--text", str(text_file),
             "--context", "16", "--stride", "8", "--batch-size", "2"]
-    code, out, err = run_cli(capsys, base + ["--json"])
+    code, out, err = run_main(capsys, base + ["--json"])
     assert code == 0, err
     got = json.loads(out)
     expected = perplexity(model, tokenizer.encode(TEXT), context=16, stride=8)
@@ -192,7 +193,7 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
     assert got["mean_nll"] == pytest.approx(expected.mean_nll, abs=1e-6)
     assert got["perplexity"] == pytest.approx(math.exp(got["mean_nll"]))
     assert (got["context"], got["stride"], got["windows"]) == (16, 8, expected.windows)
-    code, out, _ = run_cli(capsys, base)
+    code, out, _ = run_main(capsys, base)
     assert code == 0
     assert f"perplexity {expected.perplexity:.4f}" in out and f"{expected.tokens:,} tokens" in out
 
@@ -205,14 +206,14 @@ def test_command_prints_perplexity_nll_and_tokens(capsys, tmp_path, lm, checkpoi
 def test_command_bad_options_are_one_line_errors(capsys, tmp_path, checkpoint, extra, needle):
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
-    code, out, err = run_cli(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(text_file), *extra])
+    code, out, err = run_main(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(text_file), *extra])
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("openelm-mlx perplexity: error: ") and needle in err, err
 
 
 def test_command_missing_text_file(capsys, tmp_path, checkpoint):
-    code, _, err = run_cli(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(tmp_path / "nope.txt")])
+    code, _, err = run_main(capsys, ["perplexity", "--model", str(checkpoint[0]), "--text", str(tmp_path / "nope.txt")])
     assert code == 2 and "cannot read the text" in err and len(err.strip().splitlines()) == 1
 
 
