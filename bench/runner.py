@@ -20,8 +20,9 @@ import numpy as np
 from ..cache import make_cache
 from ..drafting import ADAPTIVE, DraftModel, PromptLookup, Speculation, check_num_draft_tokens
 from ..errors import InvalidOptionError
-from ..generation import GenerationOptions, decode_tokens
+from ..generation import GenerationOptions
 from ..loading import DTYPES, default_dtype
+from ..streaming import decode_tokens
 from .checkpoint import Checkpoint, build_mlx_lm_model, build_model, parameter_bytes
 from .forward import measure_interleaved, mlx_workloads
 
@@ -126,8 +127,7 @@ def ours(checkpoint: Checkpoint, dtype: Optional[str]) -> Implementation:
     options = GenerationOptions()  # greedy; only the last position's logits are computed
 
     def tokens(prompt, gen_tokens, cache):
-        for (token,) in decode_tokens(model, mx.array([prompt]), cache, options, gen_tokens):
-            yield token
+        yield from decode_tokens(model, prompt, cache, options, gen_tokens)
 
     return Implementation(OURS, compute, model, lambda: make_cache(len(model.layers)), tokens)
 
@@ -151,9 +151,7 @@ def ours_speculative(plain: Implementation, draft: Optional[Checkpoint], prompt_
 
     def tokens(prompt, gen_tokens, cache):
         impl.speculation = Speculation(new_drafter(), num_draft_tokens)
-        for (token,) in decode_tokens(impl.model, mx.array([prompt]), cache, options, gen_tokens,
-                                      speculation=impl.speculation):
-            yield token
+        yield from decode_tokens(impl.model, prompt, cache, options, gen_tokens, speculation=impl.speculation)
 
     impl.name, impl.num_draft_tokens, impl.tokens = OURS + SPECULATIVE, num_draft_tokens, tokens
     return impl

@@ -32,8 +32,9 @@ from mlx_lm.sample_utils import make_sampler as make_mlx_lm_sampler
 from ..cache import make_cache
 from ..config import ModelArgs
 from ..errors import InvalidOptionError
-from ..generation import GenerationOptions, decode_tokens
+from ..generation import GenerationOptions
 from ..sampling import make_sampler
+from ..streaming import decode_tokens
 from .checkpoint import build_mlx_lm_model, build_model, synthetic_checkpoint
 
 VOCAB = 32000  # Llama-2's
@@ -131,7 +132,7 @@ def measure_decode(settings: SamplerBenchSettings) -> List[Row]:
     def our_run(options: GenerationOptions) -> Callable[[int], None]:
         def run(n: int) -> None:
             # n steps after the first token (prefill excluded, as in the per-token figure)
-            tokens = decode_tokens(ours, mx.array([prompt]), make_cache(len(ours.layers)), options, n + 1)
+            tokens = decode_tokens(ours, prompt, make_cache(len(ours.layers)), options, n + 1)
             next(tokens)
             for _ in tokens:
                 pass

@@ -24,8 +24,9 @@ import time
 from typing import Dict, List, Optional
 
 from ..constraints import Constraint
-from ..generation import GenerationOptions, generate
+from ..generation import GenerationOptions
 from ..loading import load
+from ..streaming import generate
 
 # Realistic and nested, with every feature the docs promise (bounded, so an answer ends).
 NESTED_SCHEMA = {

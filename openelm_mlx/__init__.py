@@ -22,7 +22,7 @@ _EXPORTS = {
     "ConfigError": "errors", "ConstraintError": "errors", "ContextLengthError": "errors", "LoadError": "errors", "OpenELMError": "errors",
     "TokenizerNotFoundError": "errors",
     "GenerationOptions": "generation", "GenerationResponse": "generation", "GenerationResult": "generation",
-    "batch_generate": "engine", "generate": "generation", "stream_generate": "generation",
+    "batch_generate": "engine", "generate": "streaming", "stream_generate": "streaming",
     "load": "loading",
     "Model": "model",
     "Tokenizer": "tokenizer",

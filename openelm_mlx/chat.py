@@ -14,7 +14,8 @@ from .drafting import Drafter
 from .errors import ContextLengthError
 from .generation import GenerationOptions, GenerationResponse
 from .model import Model
-from .prompt_cache import PromptCache, ReuseStats
+from .jobs import ReuseStats
+from .prompt_cache import PromptCache
 from .prompt_format import (ChatTemplate, Message, add_system_prompt_option, add_template_options, conversation_ids,
                             template_from_args)
 from .tokenizer import Tokenizer

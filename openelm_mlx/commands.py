@@ -20,12 +20,13 @@ from .cli_args import (add_constraint_options, add_draft_options, add_kv_cache_o
 from .convert.cli import register as register_convert
 from .errors import ContextLengthError, OpenELMError
 from .eval_command import register as register_eval
-from .generation import GenerationOptions, new_cache, stream_generate
+from .generation import GenerationOptions, new_cache
 from .perplexity import register as register_perplexity
 from .prompt_files import SUFFIX, cached_prefix, check_writable, save_prompt_cache
 from .prompt_format import (RAW, Message, add_system_prompt_option, add_template_options, conversation_ids,
                             template_from_args)
 from .server import register as register_serve
+from .streaming import stream_generate
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .errors import OpenELMError, TaskDataError
-from .generation import GenerationOptions, generate
+from .generation import GenerationOptions
 from .loading import load
 from .model import Model
 from .scoring import DEFAULT_BATCH_SIZE, score_continuations
+from .streaming import generate
 from .tokenizer import Tokenizer
 
 # generate_until's length when a task gives no max_gen_toks (the harness's own default).

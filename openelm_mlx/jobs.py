@@ -2,8 +2,8 @@
 
 The engine (engine.Engine, or anything with the same submit/run/stop/records contract) puts the
 job's GenerationResponses on `events`, or an APIError, then JOB_DONE; it stops early once
-`cancelled` is set. Nothing here touches MLX or HTTP, so both sides import it without importing
-each other.
+`cancelled` is set. Nothing here computes with MLX or speaks HTTP, so both sides import it without
+importing each other.
 """
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, List, Optional, Sequence
 
 from .openai_api import ParsedRequest
-from .prompt_cache import ReuseStats
 
 JOB_DONE = object()  # end of a job's events
+
+
+@dataclass
+class ReuseStats:
+    """How a prompt was split between cached positions and the prefill (filled in when the job starts)."""
+
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
 
 
 @dataclass
@@ -28,6 +35,15 @@ class Job:
     # Whether the completion continues its prompt's text (its first word keeps its space); None: decided
     # from the request (a completion with a non-empty prompt).
     continues_text: Optional[bool] = None
+    # A cache of the caller's (`stream_generate`) holding `context_ids` before the prompt (the recent ones
+    # suffice without speculative decoding); None: the engine's prefix store supplies one. The job's
+    # prompt_ids are then only what the cache does not hold.
+    cache: Optional[List[Any]] = None
+    context_ids: Sequence[int] = ()
+    speculation: Optional[Any] = None  # a drafting.Speculation of the job's own (counters readable after)
+    # Generated tokens the consumer has taken, when it counts them (`run_alone`): a cancelled job's cache
+    # keeps only those (a round may have generated more than were taken).
+    delivered: Optional[int] = None
 
 
 @dataclass(frozen=True)

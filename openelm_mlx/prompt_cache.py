@@ -6,14 +6,15 @@ cache there: several conversations stay cached at once (the server)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
 from .cache import KVCache
 from .drafting import Drafter
-from .generation import GenerationOptions, GenerationResponse, cache_fits, new_cache, stream_generate
+from .generation import GenerationOptions, GenerationResponse, cache_fits, new_cache
+from .jobs import ReuseStats
 from .model import Model
 from .prompt_store import PrefixStore
+from .streaming import stream_generate
 from .tokenizer import Tokenizer
 
 
@@ -93,11 +94,3 @@ class PromptCache:
             self.sync(new + generated, options)
             if self.store is not None:
                 self.store.insert(self.tokens, self.cache)
-
-
-@dataclass
-class ReuseStats:
-    """How a prompt was split between the cache and the prefill (filled in by PromptCache.generate)."""
-
-    cached_tokens: int = 0
-    prefilled_tokens: int = 0

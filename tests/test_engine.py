@@ -182,7 +182,7 @@ def test_requests_join_and_leave_mid_batch(lm):
     engine = Engine(model, tok, max_batch=4, prefill_chunk=4)
     first, late = job(*long_req), job(*late_req)
     engine.submit(first)
-    for _ in range(5):
+    for _ in range(6):  # 4 prefill chunks, then tokens (each emitted the round after it is drawn)
         engine.step()
     assert first.events.qsize() >= 3 and engine.active == 1  # decoding alone
     engine.submit(late)

@@ -15,7 +15,7 @@ from openelm_mlx import GenerationOptions
 from openelm_mlx.drafting import (ADAPTIVE, ADAPTIVE_MAX_DRAFT_TOKENS, ADAPTIVE_START_DRAFT_TOKENS,
                                   AdaptiveDraftLength, DraftModel, PromptLookup, Speculation)
 from openelm_mlx.errors import InvalidOptionError
-from openelm_mlx.generation import decode_tokens
+from openelm_mlx.streaming import decode_tokens
 
 PROMPTS = ["Once upon a time", "Hello world", "The quick brown fox jumps over the quick brown fox",
            "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"]
@@ -243,7 +243,7 @@ def test_adaptive_draft_length_changes_mid_generation_and_keeps_greedy_output(mo
         ids = models["tok"].encode(prompt)
         steps = decode_tokens(models["target"], mx.array([ids]), om.make_cache(len(models["target"].layers)),
                               GenerationOptions(max_tokens=40), 40, speculation=speculation)
-        assert [t for (t,) in steps] == plain(models, ids, max_tokens=40).tokens
+        assert list(steps) == plain(models, ids, max_tokens=40).tokens
         asked, totals = recorder.asked, recorder.totals
         want = ADAPTIVE_START_DRAFT_TOKENS  # the rule, replayed independently of AdaptiveDraftLength
         for r in range(len(asked)):

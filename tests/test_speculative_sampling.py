@@ -18,7 +18,7 @@ import pytest
 
 from helpers import random_state_dict, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
-from openelm_mlx import GenerationOptions, generation
+from openelm_mlx import GenerationOptions, engine, streaming
 from openelm_mlx.drafting import ADAPTIVE, AdaptiveDraftLength, DraftModel, PromptLookup, Speculation, accept_drafts
 from openelm_mlx.loading import load_model
 from openelm_mlx.sampling import filter_logits
@@ -78,9 +78,9 @@ def sampled_counts(target, drafter, options: GenerationOptions) -> np.ndarray:
     for seed in range(DRAWS):
         speculation = Speculation(drafter, num_draft_tokens=2)
         cache = om.make_cache(len(target.layers))
-        steps = generation.decode_tokens(target, mx.array([PROMPT]), cache, replace(options, seed=seed), 3,
+        steps = streaming.decode_tokens(target, mx.array([PROMPT]), cache, replace(options, seed=seed), 3,
                                          speculation=speculation)
-        _, (second,), (third,) = list(steps)
+        _, second, third = list(steps)
         counts[second, third] += 1
     return counts
 
@@ -114,7 +114,7 @@ def test_speculative_sampling_keeps_the_target_distribution(pair, setting):
 def sampled_acceptance(target, draft, options):
     speculation = Speculation(DraftModel(draft), num_draft_tokens=2)
     for seed in range(50):
-        list(generation.decode_tokens(target, mx.array([PROMPT]), om.make_cache(len(target.layers)),
+        list(streaming.decode_tokens(target, mx.array([PROMPT]), om.make_cache(len(target.layers)),
                                       replace(options, seed=seed), 3,
                                       speculation=speculation))
     return speculation.acceptance_rate
@@ -133,7 +133,7 @@ def test_the_test_catches_a_wrong_residual(pair, monkeypatch):
     target, draft = pair
     options = GenerationOptions(**SETTINGS["temperature"])
     expected = exact_distribution(target, options).sum(axis=0)
-    monkeypatch.setattr(generation, "accept_drafts", resample_from_p)
+    monkeypatch.setattr(engine, "accept_drafts", resample_from_p)
     assert chi_square_z(sampled_counts(target, DraftModel(draft), options), expected) > 4  # p < 3e-5
 
 
@@ -145,10 +145,10 @@ def test_prompt_lookup_sampling_matches_the_target(pair):
     expected = exact_distribution(target, options).sum(axis=0)
     counts = np.zeros((VOCAB, VOCAB))
     for seed in range(DRAWS // 2):
-        steps = generation.decode_tokens(target, mx.array([PROMPT]), om.make_cache(len(target.layers)),
+        steps = streaming.decode_tokens(target, mx.array([PROMPT]), om.make_cache(len(target.layers)),
                                          GenerationOptions(temperature=1.0, seed=seed), 3,
                                          speculation=Speculation(PromptLookup(), 2))
-        _, (second,), (third,) = list(steps)
+        _, second, third = list(steps)
         counts[second, third] += 1
     assert chi_square_z(counts, expected) < 3.3
 
@@ -186,9 +186,9 @@ def test_adaptive_draft_length_keeps_the_target_distribution(tmp_path):
         drafter = CountingDraft(draft)
         speculation = drafter.speculation = Speculation(drafter, ADAPTIVE)
         speculation.adaptive = AdaptiveDraftLength(start=2, most=2)
-        steps = generation.decode_tokens(target, mx.array([SMALL_PROMPT]), om.make_cache(len(target.layers)),
+        steps = streaming.decode_tokens(target, mx.array([SMALL_PROMPT]), om.make_cache(len(target.layers)),
                                          replace(options, seed=seed), 5, speculation=speculation)
-        *_, (fourth,), (fifth,) = list(steps)
+        *_, fourth, fifth = list(steps)
         counts[fourth, fifth] += 1
         # The first draft rejected (nothing accepted before round 2), then a round of 1.
         shrunk += drafter.asked[:2] == [2, 1] and drafter.accepted_before[1] == 0
