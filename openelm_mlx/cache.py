@@ -253,8 +253,12 @@ class RowCaches:
     own KVCache (B = 1) of its own length. The model attends each row over its own cache, exactly as
     when that sequence runs alone, so no row is padded and none waits for another's prompt."""
 
-    def __init__(self, rows: Sequence[KVCache]):
+    def __init__(self, rows: Sequence[KVCache], lengths: Optional[Sequence[int]] = None):
+        """`lengths` None: a decode step, one token per row ([B, 1] ids). Else a packed prefill: the rows'
+        new tokens one after another in one sequence ([1, sum(lengths)] ids), row b's `lengths[b]` of them
+        attending only over row b's cache and each other (causally), at row b's positions."""
         self.rows = list(rows)
+        self.lengths = None if lengths is None else list(lengths)
 
     @property
     def positions(self) -> mx.array:

@@ -22,6 +22,7 @@ last token on the host; it is computed while the pass runs.
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import threading
 import time
@@ -177,9 +178,9 @@ class Engine:
         a verify round)."""
         self._admit(wait=False)
         self.drop_cancelled()
-        prefilling = [r for r in self._rows if r.pending]
-        if prefilling:
-            self._guarded([prefilling[0]], self._prefill_chunk)
+        chunks = self._prefill_plan([r for r in self._rows if r.pending])
+        if chunks:
+            self._guarded([row for row, _ in chunks], lambda rows: self._prefill(chunks))
         decoding = [r for r in self._rows if r.prefilled]
         for row in [r for r in decoding if r.speculation is not None]:
             self._guarded([row], self._speculative_round)
@@ -281,22 +282,45 @@ class Engine:
         event.__cause__ = error
         job.events.put(event)
 
-    def _prefill_chunk(self, rows: List[_Row]) -> None:
-        """Feed the next chunk of one row's prompt; after the last one, sample its first token."""
-        (row,) = rows
-        size = min(self.prefill_chunk, row.options.prefill_step)
-        # Chunks are aligned at the prompt's start; only the last one yields logits.
-        chunk, row.pending = row.pending[:size], row.pending[size:]
-        hidden = self.model.hidden(mx.array([chunk]), row.cache)
-        if row.pending or row.limit == 0:
-            mx.eval([layer_cache.state for layer_cache in row.cache])
-            if not row.pending:  # max_tokens 0: the prompt is in the cache, nothing to generate
-                row.prefilled = True
+    def _prefill_plan(self, rows: List[_Row]) -> List[Tuple[_Row, int]]:
+        """How many prompt tokens each prefilling row feeds this round: in admission order, each as many as
+        it has left (at most its prefill_step) until the round's `prefill_chunk` tokens are spent."""
+        plan, budget = [], self.prefill_chunk
+        for row in rows:
+            if budget == 0:
+                break
+            size = min(budget, row.options.prefill_step, len(row.pending))
+            plan.append((row, size))
+            budget -= size
+        return plan
+
+    def _prefill(self, chunks: List[Tuple[_Row, int]]) -> None:
+        """Feed the planned chunks in one pass (several rows' chunks packed into one sequence, each attending
+        over its own cache); a row whose prompt is then complete draws its first token."""
+        rows = [row for row, _ in chunks]
+        ids = []
+        for row, size in chunks:
+            ids += row.pending[:size]
+            row.pending = row.pending[size:]
+        if len(rows) == 1:
+            caches = rows[0].cache
+        else:
+            lengths = [size for _, size in chunks]
+            caches = [RowCaches([row.cache[i] for row in rows], lengths) for i in range(len(self.model.layers))]
+        hidden = self.model.hidden(mx.array([ids]), caches)[0]  # [tokens, model_dim]
+        ends = list(itertools.accumulate(size for _, size in chunks))
+        drawing = [(row, end - 1) for row, end in zip(rows, ends) if not row.pending and row.limit > 0]
+        if drawing:  # only the prompts' last positions need logits
+            logits = self.model.logits(hidden[mx.array([last for _, last in drawing])]).astype(mx.float32)
+            self._sample([row for row, _ in drawing], logits)
+        others = [row for row in rows if not any(row is r for r, _ in drawing)]
+        if others:  # evaluated now, so no row carries a lazy graph from chunk to chunk
+            mx.eval([layer_cache.state for row in others for layer_cache in row.cache])
+        for row in rows:
+            row.prefilled = not row.pending
+        for row in others:
+            if row.prefilled:  # max_tokens 0: the prompt is in the cache, nothing to generate
                 self._emit_final(row, replace(row.stats, finish_reason="length", context_full=row.context_full))
-            return
-        logits = self.model.logits(hidden[:, -1, :]).astype(mx.float32)
-        self._sample([row], logits)
-        row.prefilled = True
 
     def _sample(self, rows: List[_Row], logits: mx.array) -> None:
         """Each row draws its next token from its row of `logits` [B, V]; the draws are queued, not read."""

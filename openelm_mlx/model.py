@@ -48,16 +48,33 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm, before RoPE
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, T, hd]
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
-        if isinstance(cache, RowCaches):  # a continuous batch: each row attends over its own cache
-            out = mx.concatenate([_attention(q[b:b + 1], *row.update_and_fetch(k[b:b + 1], v[b:b + 1]),
-                                             self.scale, mask) for b, row in enumerate(cache.rows)])
+        if isinstance(cache, RowCaches) and cache.lengths is not None:
+            out = self._packed(q, k, v, cache)
         else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            out = _attention(q, k, v, self.scale, mask)
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            if isinstance(cache, RowCaches):  # a continuous batch: each row attends over its own cache
+                out = mx.concatenate([_attention(q[b:b + 1], *row.update_and_fetch(k[b:b + 1], v[b:b + 1]),
+                                                 self.scale, mask) for b, row in enumerate(cache.rows)])
+            else:
+                if cache is not None:
+                    k, v = cache.update_and_fetch(k, v)
+                out = _attention(q, k, v, self.scale, mask)
         return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
+
+    def _rope(self, x: mx.array, positions: Union[int, mx.array]) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
+
+    def _packed(self, q: mx.array, k: mx.array, v: mx.array, cache: RowCaches) -> mx.array:
+        """Attention for a packed prefill: each row's segment of the sequence, at the row's positions, over
+        the row's own cache (the projections around it ran over all the rows' tokens at once)."""
+        parts, start = [], 0
+        for row, length in zip(cache.rows, cache.lengths):
+            end = start + length
+            q_row, k_row = self._rope(q[:, :, start:end], row.offset), self._rope(k[:, :, start:end], row.offset)
+            keys, values = row.update_and_fetch(k_row, v[:, :, start:end])
+            parts.append(_attention(q_row, keys, values, self.scale, "causal" if length > 1 else None))
+            start = end
+        return mx.concatenate(parts, axis=2)
 
 
 class FeedForward(nn.Module):
@@ -164,11 +181,12 @@ def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx
 
 
 def _positions(cache: Optional[Union[KVCache, RowCaches]]) -> Union[int, mx.array]:
-    """RoPE offset of the first new token: the cache's position, per row when left-padded or rows."""
+    """RoPE offset of the first new token: the cache's position, per row when left-padded or rows (a packed
+    prefill finds each row's in the row's cache)."""
     if cache is None:
         return 0
     if isinstance(cache, RowCaches):
-        return cache.positions
+        return 0 if cache.lengths is not None else cache.positions
     if cache.left_padding is None:
         return cache.offset
     return cache.offset - cache.left_padding  # [B]; pad tokens get negative positions and are masked
@@ -176,9 +194,9 @@ def _positions(cache: Optional[Union[KVCache, RowCaches]]) -> Union[int, mx.arra
 
 def _attention_mask(num_new: int, cache: Optional[Union[KVCache, RowCaches]]) -> Mask:
     if isinstance(cache, RowCaches):
-        if num_new != 1:
-            raise ValueError("a continuous batch steps one token per row; prefill each row on its own cache")
-        return None
+        if cache.lengths is None and num_new != 1:
+            raise ValueError("a continuous batch steps one token per row; pass the rows' lengths to pack a prefill")
+        return None  # per row: a packed prefill masks each row's segment itself
     if cache is None or cache.left_padding is None:
         return "causal" if num_new > 1 else None  # "causal" aligns the last query with the last key
     # Left-padded batch: row b may not attend to its first left_padding[b] positions. A pad

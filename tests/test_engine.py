@@ -104,6 +104,59 @@ def test_row_caches_step_one_token_only(lm):
         model(mx.array([[5, 6], [7, 8]]), layers)
 
 
+def test_packed_prefill_equals_solo_prefills_bit_for_bit(lm):
+    """Several rows' chunks packed into one pass (over caches that already hold different prefixes, one of
+    them empty) give each row the hidden states and the cache of its own prefill."""
+    model, tok = lm
+    prompts = [ids_of(tok, p) for p in PROMPTS[2:6]]
+    held = [len(ids) // 2 for ids in prompts[:-1]] + [0]
+    solo_hidden, solo_caches, caches = [], [], []
+    for ids, n in zip(prompts, held):
+        mine, theirs = make_cache(len(model.layers)), make_cache(len(model.layers))
+        if n:
+            model(mx.array([ids[:n]]), mine)
+            model(mx.array([ids[:n]]), theirs)
+        solo_hidden.append(model.hidden(mx.array([ids[n:]]), theirs)[0])
+        solo_caches.append(theirs)
+        caches.append(mine)
+    lengths = [len(ids) - n for ids, n in zip(prompts, held)]
+    packed = sum((ids[n:] for ids, n in zip(prompts, held)), [])
+    layers = [RowCaches([cache[i] for cache in caches], lengths) for i in range(len(model.layers))]
+    hidden = model.hidden(mx.array([packed]), layers)[0]
+    start = 0
+    for b, length in enumerate(lengths):
+        assert mx.array_equal(hidden[start:start + length], solo_hidden[b]).item(), b
+        start += length
+        for mine, theirs in zip(caches[b], solo_caches[b]):
+            assert (mine.offset, mine.size) == (theirs.offset, theirs.size)
+            assert all(mx.array_equal(x, y).item() for x, y in zip(mine.state, theirs.state))
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_pass(lm, monkeypatch):
+    """With room in the round's prefill budget, waiting prompts share one pass; each still gets its solo
+    tokens (greedy and seeded), and a prompt longer than the budget goes on in the next rounds."""
+    model, tok = lm
+    requests = [(ids_of(tok, p), GenerationOptions(max_tokens=5, seed=i, **(SAMPLING if i % 2 else {})))
+                for i, p in enumerate(PROMPTS[:6])]
+    passes = []
+    real_hidden = type(model).hidden
+
+    def counting_hidden(self, ids, cache=None):
+        passes.append(ids.shape)
+        return real_hidden(self, ids, cache)
+
+    monkeypatch.setattr(type(model), "hidden", counting_hidden)
+    budget = sum(len(ids) for ids, _ in requests) - 3  # the last prompt's last 3 tokens wait a round
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=budget)
+    jobs = [job(*r) for r in requests]
+    run_all(engine, jobs)
+    assert passes[0] == (1, budget)  # every prompt (but 3 tokens) in the first pass
+    assert passes[1] == (5, 1)  # the first five rows' first step; the sixth is still prefilling
+    monkeypatch.setattr(type(model), "hidden", real_hidden)
+    for j, (ids, options) in zip(jobs, requests):
+        assert tokens_of(j) == [r.token for r in solo(model, tok, ids, options)]
+
+
 # ---------------------------------------------------------------------------- greedy and seeded rows
 
 
