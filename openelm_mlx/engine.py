@@ -232,6 +232,8 @@ class Engine:
         job.reuse.cached_tokens, job.reuse.prefilled_tokens = len(job.request.prompt_ids) - len(prompt), len(prompt)
         limit = options.max_tokens if room is None else min(options.max_tokens, room)
         completion = None
+        if self.tokenizer is None and options.stop:
+            raise InvalidOptionError("stop strings need the tokenizer: generate text (stream_generate), not bare tokens")
         if self.tokenizer is not None:
             completion = CompletionText(self.tokenizer, options.stop, continues_text=self._continues_text(job))
         row = _Row(job, cache, context, prompt, options, limit, room is not None and room < options.max_tokens,

@@ -179,6 +179,14 @@ def test_a_batch_cannot_speculate(models):
                            speculation=Speculation(PromptLookup(), 4)))
 
 
+def test_bare_tokens_refuse_what_needs_the_tokenizer(models):
+    """decode_tokens has no tokenizer: stop strings and constraints are refused, not ignored."""
+    target = models["target"]
+    for options in (GenerationOptions(stop=("x",)), GenerationOptions(constraint=om.Constraint.choice(["a", "b"]))):
+        with pytest.raises(InvalidOptionError, match="tokenizer"):
+            next(decode_tokens(target, [1, 5, 6], om.make_cache(len(target.layers)), options, 4))
+
+
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "fast", "8"])
 def test_num_draft_tokens_is_validated(value):
     with pytest.raises(InvalidOptionError, match="num_draft_tokens"):
