@@ -51,7 +51,8 @@ def register(subparsers) -> None:
                         help=f"requests decoded together (continuous batching; default {DEFAULT_MAX_BATCH}, or 1 with "
                              "speculative decoding, which verifies one sequence at a time)")
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
-                        help="prompt tokens fed per round while other requests decode (default %(default)s)")
+                        help="prompt tokens fed per round, the waiting prompts packed into one pass; running requests' "
+                             "next tokens wait for it (default %(default)s)")
     parser.add_argument("--model-id", help="the model's name in the API (default: the --model argument)")
     parser.add_argument("--prompt-cache-bytes", type=byte_count, default=DEFAULT_PROMPT_CACHE_BYTES, metavar="BYTES",
                         help="memory for cached conversation prefixes, e.g. 512M or 2G (default 1G); the least "
