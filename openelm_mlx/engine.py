@@ -178,8 +178,8 @@ class Engine:
         return len(self._rows)
 
     def step(self) -> None:
-        """One round: admit queued jobs while the batch has room, drop cancelled rows, feed one prompt chunk,
-        move every decoding row forward (plain rows by a token in one batched pass, a speculative row by
+        """One round: admit queued jobs while the batch has room, drop cancelled rows, feed up to
+        `prefill_chunk` prompt tokens (one packed pass), move every decoding row forward (plain rows by a token in one batched pass, a speculative row by
         a verify round)."""
         self._admit(wait=False)
         self.drop_cancelled()
