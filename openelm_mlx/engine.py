@@ -46,9 +46,11 @@ from .prompt_store import PrefixStore
 from .sampling import describe_logprobs
 from .tokenizer import Tokenizer
 
-# Sequences decoded together. Measured with the synthetic 270M in float32 on the 2-core CPU
-# (docs/serve.md#continuous-batching): aggregate tok/s still grows at 8; the KV caches stay small.
-DEFAULT_MAX_BATCH = 8
+# Sequences decoded together. Measured with serve_load (synthetic 270M, float32, MKL, 2-core CPU;
+# docs/bench.md#serving-under-load): a 16-row decode step cost about what an 8-row one did (MKL's
+# few-row matmuls), so 16 clients got about twice the tokens per second of a batch capped at 8; the
+# KV caches stay small.
+DEFAULT_MAX_BATCH = 16
 # Prompt tokens fed per round, over all waiting prompts packed into one pass. Measured with serve_load
 # (synthetic 270M, float32, 8 clients sending 64-token prompts at once; docs/bench.md#serving-under-load):
 # 512 gave 2.3x the aggregate tok/s of 64 and a quarter of its p95 time to first token, because the
