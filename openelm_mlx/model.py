@@ -160,7 +160,7 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) 
             first = end
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
-    if T < 2 or not spread(q.dtype):
+    if T < 2 * ATTENTION_QUERY_CHUNK or not spread(q.dtype):  # fewer queries: measured to lose
         return queries(0, T)
     # MLX runs the softmax and masking on one thread: query ranges of equal work over the CPU streams.
     cuts = _balanced_cuts(T, past)
