@@ -10,8 +10,8 @@ still one dot product over the same inputs, so results do not change. Not used o
 With MKL, `use_optimized_blas` runs its matmuls on one thread (unless MKL_NUM_THREADS or
 OMP_NUM_THREADS says otherwise), so float32 is split here too, along with the causal attention
 (model.py) and the FFN's activation (`gated_matmul_t`). On the same machine that made a 270M decode
-step ~15% faster and a verify pass of 8 tokens ~25% cheaper than MKL's own two threads, which are
-slow on few-row matmuls next to MLX's threads (docs/performance.md).
+step 1.14-1.31x and an 8-token verify pass 1.3-1.5x faster than MKL's own two threads, which are
+slow on few-row matmuls next to MLX's threads; prefill was unchanged (docs/performance.md).
 
 With a multithreaded BLAS (MKL with MKL_NUM_THREADS > 1, OpenBLAS), `x @ W.T` for several rows of x
 runs well below the speed of `(W @ x.T).T`, the same dot products with the roles of the operands

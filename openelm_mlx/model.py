@@ -13,7 +13,8 @@ import mlx.nn as nn
 from .cache import KVCache, RowCaches
 from .config import ModelArgs
 from .cpu_math import silu_times, softmax
-from .cpu_split import SPLITS, gated_matmul_t, matmul_t, on_streams, spread
+from . import cpu_split
+from .cpu_split import gated_matmul_t, matmul_t, on_streams, spread
 
 Mask = Optional[Union[str, mx.array]]
 
@@ -168,13 +169,14 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) 
 
 
 def _balanced_cuts(T: int, past: int) -> List[int]:
-    """Query boundaries [0, ..., T] that split causal attention into `SPLITS` ranges of about equal
-    work (query i sees past + i + 1 keys)."""
+    """Query boundaries [0, ..., T] that split causal attention into `cpu_split.SPLITS` ranges of about
+    equal work (query i sees past + i + 1 keys)."""
+    parts = cpu_split.SPLITS
     total = T * past + T * (T + 1) // 2
     cuts, work = [0], 0
     for i in range(T - 1):
         work += past + i + 1
-        if len(cuts) < SPLITS and work >= total * len(cuts) / SPLITS:
+        if len(cuts) < parts and work >= total * len(cuts) / parts:
             cuts.append(i + 1)
     return cuts + [T]
 

@@ -60,11 +60,12 @@ def test_model_logits_unchanged_by_splitting(two_splits, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("context, new", [(0, 2), (0, 5), (0, 150), (9, 4), (70, 8), (70, 64)])
+@pytest.mark.parametrize("context, new", [(0, 2), (0, 5), (0, 150), (9, 4), (70, 8), (70, 64), (9, 140)])
 def test_model_on_two_streams_equals_one_stream(monkeypatch, dtype, context, new):
-    """Matmuls split by output rows, SiLU by rows and causal attention by query ranges (each query
-    still sees the keys of its unsplit chunk) change no bit of the logits, in a prefill (150 tokens:
-    several attention chunks) and in a verify pass on a filled cache."""
+    """Matmuls split by output rows, the FFN's gate, up and SiLU by features, and causal attention
+    from 128 queries on by query ranges (each query still sees the keys of its unsplit chunk) change
+    no bit of the logits, in prefills (150 tokens: several attention chunks) and in passes on a
+    filled cache."""
     model = Model(ModelArgs.from_dict(tiny_config()))
     model.set_dtype(dtype)
     ids = mx.random.randint(0, 320, (1, context + new), key=mx.random.key(3))
