@@ -1,6 +1,6 @@
 """Time the multi-token forward: a fresh prefill, and a verify pass of k+1 tokens after a context.
 
-    python -m openelm_mlx.bench.forward [--size 270M] [--threads 2] [--repeats 5] [--torch]
+    python -m openelm_mlx.bench.forward [--size 270M] [--threads 2] [--blas-threads N] [--repeats 5] [--torch]
 
 Prints, for a synthetic (random float32) model: the time of a fresh prefill of each --prefill
 length (logits of the last position only, as generation needs), and the time of a forward over
@@ -187,26 +187,30 @@ def format_tables(results: Dict[str, Dict[str, Dict[int, float]]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openelm_mlx.bench.forward", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="270M", help="synthetic model size (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS/torch threads (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    parser.add_argument("--blas-threads", type=int,
+                        help="MKL/OpenBLAS threads (default: the BLAS's own; MKL runs on one thread and "
+                             "openelm-mlx splits work over CPU streams)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default %(default)s)")
     parser.add_argument("--prefill", type=int, nargs="+", default=list(DEFAULT_PREFILL))
     parser.add_argument("--verify", type=int, nargs="+", default=list(DEFAULT_VERIFY))
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--torch", action="store_true", help="also time a PyTorch forward of the same weights")
     args = parser.parse_args(argv)
-    # Thread counts must be set before MKL and torch start their pools.
-    for var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    if args.blas_threads:  # before the BLAS starts its thread pool
+        for var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(args.blas_threads)
     from ..blas import use_optimized_blas
 
     use_optimized_blas()
     import mlx.core as mx
 
-    from ..blas import describe_blas
+    from ..blas import blas_threads, describe_blas
     from ..synthetic import synthetic_model
 
     model = synthetic_model(args.size, dtype=mx.float32)
-    print(f"synthetic {args.size} float32, {args.threads} threads, BLAS: {describe_blas()}", file=sys.stderr)
+    print(f"synthetic {args.size} float32, BLAS: {describe_blas()}, {blas_threads()} BLAS thread(s); "
+          f"torch: {args.threads} threads", file=sys.stderr)
     workloads = {"openelm-mlx": mlx_workloads(model, args.prefill, args.verify, args.context)}
     if args.torch:
         import torch

@@ -13,7 +13,8 @@ import mlx.nn as nn
 from .cache import KVCache, RowCaches
 from .config import ModelArgs
 from .cpu_math import silu_times, softmax
-from .cpu_split import matmul_t
+from . import cpu_split
+from .cpu_split import gated_matmul_t, matmul_t, on_streams, spread
 
 Mask = Optional[Union[str, mx.array]]
 
@@ -85,8 +86,12 @@ class FeedForward(nn.Module):
         self.proj_2 = nn.Linear(self.ffn_dim, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(_project(self.proj_1, x), 2, axis=-1)  # the gate is the FIRST half
-        return _project(self.proj_2, silu_times(gate, up))
+        # The gate is the FIRST half of proj_1's output.
+        if type(self.proj_1) is nn.Linear and "bias" not in self.proj_1:
+            hidden = gated_matmul_t(x, self.proj_1.weight, silu_times)
+        else:
+            hidden = silu_times(*mx.split(self.proj_1(x), 2, axis=-1))
+        return _project(self.proj_2, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -161,21 +166,46 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) 
     if not isinstance(mask, str) or mx.default_device().type != mx.DeviceType.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     T, past = q.shape[2], k.shape[2] - q.shape[2]
-    parts = []
-    for start in range(0, T, ATTENTION_QUERY_CHUNK):
-        end = min(start + ATTENTION_QUERY_CHUNK, T)
-        parts.append(_causal_attention(q[:, :, start:end], k[:, :, :past + end], v[:, :, :past + end], scale))
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+    def queries(first: int, stop: int) -> mx.array:
+        """Queries first..stop-1; each sees the keys up to the end of its chunk, however the range is cut."""
+        parts = []
+        while first < stop:
+            chunk_end = min((first // ATTENTION_QUERY_CHUNK + 1) * ATTENTION_QUERY_CHUNK, T)
+            end = min(chunk_end, stop)
+            keys = past + chunk_end
+            parts.append(_causal_attention(q[:, :, first:end], k[:, :, :keys], v[:, :, :keys], scale, past + first))
+            first = end
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+    if T < 2 * ATTENTION_QUERY_CHUNK or not spread(q.dtype):  # fewer queries: measured to lose
+        return queries(0, T)
+    # MLX runs the softmax and masking on one thread: query ranges of equal work over the CPU streams.
+    cuts = _balanced_cuts(T, past)
+    return mx.concatenate(on_streams(queries, cuts[:-1], cuts[1:]), axis=2)
 
 
-def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Causal attention as matmuls; the last query is aligned with the last key."""
+def _balanced_cuts(T: int, past: int) -> List[int]:
+    """Query boundaries [0, ..., T] that split causal attention into `cpu_split.SPLITS` ranges of about
+    equal work (query i sees past + i + 1 keys)."""
+    parts = cpu_split.SPLITS
+    total = T * past + T * (T + 1) // 2
+    cuts, work = [0], 0
+    for i in range(T - 1):
+        work += past + i + 1
+        if len(cuts) < parts and work >= total * len(cuts) / parts:
+            cuts.append(i + 1)
+    return cuts + [T]
+
+
+def _causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, first: int) -> mx.array:
+    """Causal attention as matmuls; query i is at key position first + i (and sees the keys up to it)."""
     B, nq, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     group = nq // nkv
     # Query head j reads kv head j // group: fold each group's queries into one matmul per kv head.
     scores = ((q * scale).reshape(B, nkv, group * T, hd) @ k.swapaxes(-1, -2)).reshape(B, nkv, group, T, S)
-    causal = mx.arange(S)[None] <= mx.arange(S - T, S)[:, None]
+    causal = mx.arange(S)[None] <= mx.arange(first, first + T)[:, None]
     weights = softmax(mx.where(causal, scores, -mx.inf))
     return (weights.reshape(B, nkv, group * T, S) @ v).reshape(B, nq, T, hd)
 

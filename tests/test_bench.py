@@ -258,14 +258,16 @@ def test_blas_is_described():
     assert "BLAS" in text and "/" in text
 
 
-def _blas_in_subprocess(setting: str) -> str:
-    env = {**os.environ, blas.ENV_VAR: setting}
+def _blas_in_subprocess(setting: str, **extra_env: str) -> str:
+    env = {key: value for key, value in os.environ.items() if key not in blas.BLAS_THREAD_VARS}
+    env.update({blas.ENV_VAR: setting, **extra_env})
     code = ("import openelm_mlx\nopenelm_mlx.use_optimized_blas()\nimport mlx.core as mx\n"
             "from openelm_mlx import blas, loading\n"
             "a = mx.random.normal((64, 48), key=mx.random.key(0)); b = mx.random.normal((48, 32), key=mx.random.key(1))\n"
             "import numpy as np\n"
             "err = float(np.abs(np.array(a @ b) - np.array(a).astype(np.float64) @ np.array(b)).max())\n"
-            "print(blas.optimized_blas(), loading.default_dtype(), err < 1e-4, blas.describe_blas(), sep='|')\n")
+            "print(blas.optimized_blas(), loading.default_dtype(), err < 1e-4, blas.describe_blas(),\n"
+            "      blas.blas_threads(), sep='|')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -273,15 +275,16 @@ def _blas_in_subprocess(setting: str) -> str:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_reference_setting_keeps_the_bundled_blas():
-    optimized, dtype, exact, text = _blas_in_subprocess("reference").split("|")
+    optimized, dtype, exact, text, threads = _blas_in_subprocess("reference").split("|")
     assert optimized == "False" and dtype == "bfloat16" and exact == "True" and "reference BLAS" in text
+    assert threads == "1"
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not blas.ctypes.util.find_library("openblas"),
                     reason="needs a system OpenBLAS (apt install libopenblas0-pthread)")
 def test_system_openblas_is_used():
     # By name (`auto` prefers MKL when the cpu-blas extra is installed too).
-    optimized, dtype, exact, text = _blas_in_subprocess(blas.ctypes.util.find_library("openblas")).split("|")
+    optimized, dtype, exact, text, _ = _blas_in_subprocess(blas.ctypes.util.find_library("openblas")).split("|")
     assert optimized == "True" and "OpenBLAS" in text and exact == "True"
     assert dtype == "float32"  # float32 is the CPU default once matmuls are fast
 
@@ -289,9 +292,17 @@ def test_system_openblas_is_used():
 @pytest.mark.skipif(sys.platform != "linux" or not blas._installed_mkl(),
                     reason="needs MKL (pip install 'openelm-mlx[cpu-blas]')")
 def test_installed_mkl_is_used_automatically():
-    optimized, dtype, exact, text = _blas_in_subprocess("auto").split("|")
+    optimized, dtype, exact, text, threads = _blas_in_subprocess("auto").split("|")
     assert optimized == "True" and "Math Kernel Library" in text and exact == "True"
     assert dtype == "float32"
+    assert threads == "1"  # MKL on one thread; cpu_split spreads the work over CPU streams
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not blas._installed_mkl(),
+                    reason="needs MKL (pip install 'openelm-mlx[cpu-blas]')")
+def test_a_thread_count_the_user_set_is_kept():
+    *_, exact, text, threads = _blas_in_subprocess("auto", MKL_NUM_THREADS="2").split("|")
+    assert "Math Kernel Library" in text and exact == "True" and threads == "2"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
