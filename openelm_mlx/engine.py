@@ -181,8 +181,8 @@ class Engine:
 
     def step(self) -> None:
         """One round: admit queued jobs while the batch has room, drop cancelled rows, feed up to
-        `prefill_chunk` prompt tokens (one packed pass), move every decoding row forward (plain rows by a token in one batched pass, a speculative row by
-        a verify round)."""
+        `prefill_chunk` prompt tokens (one packed pass), move every decoding row forward (plain rows by a
+        token in one batched pass, a speculative row by a verify round)."""
         self._admit(wait=False)
         self.drop_cancelled()
         chunks = self._prefill_plan([r for r in self._rows if r.pending])
@@ -319,10 +319,11 @@ class Engine:
         hidden = self.model.hidden(mx.array([ids]), caches)[0]  # [tokens, model_dim]
         ends = list(itertools.accumulate(size for _, size in chunks))
         drawing = [(row, end - 1) for row, end in zip(rows, ends) if not row.pending and row.limit > 0]
-        if drawing:  # only the prompts' last positions need logits
+        drew = [row for row, _ in drawing]
+        if drew:  # only the prompts' last positions need logits
             logits = self.model.logits(hidden[mx.array([last for _, last in drawing])]).astype(mx.float32)
-            self._sample([row for row, _ in drawing], logits)
-        others = [row for row in rows if not any(row is r for r, _ in drawing)]
+            self._sample(drew, logits)
+        others = [row for row in rows if row not in drew]
         if others:  # evaluated now, so no row carries a lazy graph from chunk to chunk
             mx.eval([layer_cache.state for row in others for layer_cache in row.cache])
         for row in rows:

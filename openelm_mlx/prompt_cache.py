@@ -1,8 +1,6 @@
 """A KV cache that remembers which token ids it holds, so a prompt sharing a prefix with the last one
-prefills only the rest (a chat's next turn, a server's next request in the same conversation).
-
-With a `PrefixStore`, each generation starts from the store's longest matching prefix and leaves its
-cache there: several conversations stay cached at once (the server)."""
+prefills only the rest (a chat's next turn). The server keeps several conversations at once in a
+`PrefixStore` instead (engine.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ from .drafting import Drafter
 from .generation import GenerationOptions, GenerationResponse, cache_fits, new_cache
 from .jobs import ReuseStats
 from .model import Model
-from .prompt_store import PrefixStore
 from .streaming import stream_generate
 from .tokenizer import Tokenizer
 
@@ -24,13 +21,10 @@ class PromptCache:
     Not thread-safe: one owner (the chat loop, the server's worker) uses it.
     """
 
-    def __init__(self, model: Model, store: Optional[PrefixStore] = None):
+    def __init__(self, model: Model):
         """Each `generate` sizes the cache for its own options (`new_cache`: sliding window, KV
-        quantization), starting over when they change. With `store`, each `generate` takes its cache
-        from the store's longest matching prefix and hands it back at the end (`cache` and `tokens` then
-        show the last sequence, owned by the store)."""
+        quantization), starting over when they change."""
         self.model = model
-        self.store = store
         self.cache: List[KVCache] = []
         self.tokens: List[int] = []
         self.reset()
@@ -71,14 +65,9 @@ class PromptCache:
 
         Stop consuming (or close the iterator) at any time: the cache stays consistent.
         """
-        if self.store is not None:
-            self.cache, cached = self.store.lookup(prompt, options)
-            self.tokens = list(prompt[:cached])
-            new = list(prompt[cached:])
-        else:
-            if not cache_fits(self.cache, self.model, options):
-                self.reset(options)
-            new = self.reuse(prompt)
+        if not cache_fits(self.cache, self.model, options):
+            self.reset(options)
+        new = self.reuse(prompt)
         if stats is not None:
             stats.cached_tokens, stats.prefilled_tokens = len(prompt) - len(new), len(new)
         generated: List[int] = []
@@ -92,5 +81,3 @@ class PromptCache:
         finally:
             responses.close()  # settles the cache first
             self.sync(new + generated, options)
-            if self.store is not None:
-                self.store.insert(self.tokens, self.cache)

@@ -12,7 +12,8 @@ from helpers import text_only_state, tiny_config, write_hf_checkpoint
 import openelm_mlx as om
 from openelm_mlx import GenerationOptions
 from openelm_mlx.generation import new_cache
-from openelm_mlx.openai_api import COMPLETION, ServedModel
+from openelm_mlx.jobs import JOB_DONE
+from openelm_mlx.openai_api import COMPLETION, ParsedRequest, ServedModel
 from openelm_mlx.openai_requests import parse_request
 from openelm_mlx.prompt_cache import PromptCache, ReuseStats
 from openelm_mlx.prompt_format import RAW
@@ -37,6 +38,17 @@ def run(cache, lm, ids, options=OPTIONS):
     return tokens, stats
 
 
+def served(engine, ids, options=OPTIONS):
+    """One request through the engine, as the server runs it: its tokens and how its prompt was split."""
+    job = Job(ParsedRequest(COMPLETION, list(ids), options, stream=True, include_usage=False), continues_text=False)
+    engine.submit(job)
+    engine.run_until_idle()
+    tokens = []
+    while (event := job.events.get_nowait()) is not JOB_DONE:
+        tokens += [event.token] if event.token >= 0 else []
+    return tokens, job.reuse
+
+
 def fresh(lm, ids, options=OPTIONS):
     return om.generate(lm[0], lm[1], ids, options).tokens
 
@@ -52,12 +64,17 @@ def test_two_interleaved_conversations_both_hit(lm):
     tok = lm[1]
     a1, b1 = tok.encode("Once upon a time there was a model"), tok.encode("def fibonacci(n): return n")
     for store in (PrefixStore(lm[0]), None):
-        cache = PromptCache(lm[0], store)
-        a_reply, _ = run(cache, lm, a1)
-        b_reply, _ = run(cache, lm, b1)
+        if store is not None:  # the server's engine, its rows starting from and finishing into the store
+            engine = Engine(lm[0], tok, max_batch=1, store=store)
+            turn = lambda ids: served(engine, ids)  # noqa: E731
+        else:  # chat's single conversation cache
+            cache = PromptCache(lm[0])
+            turn = lambda ids: run(cache, lm, ids)  # noqa: E731
+        a_reply, _ = turn(a1)
+        b_reply, _ = turn(b1)
         a2, b2 = a1 + a_reply + tok.encode("Hello world")[1:], b1 + b_reply + tok.encode("Python is")[1:]
-        a_tokens, a_stats = run(cache, lm, a2)
-        b_tokens, b_stats = run(cache, lm, b2)
+        a_tokens, a_stats = turn(a2)
+        b_tokens, b_stats = turn(b2)
         assert a_tokens == fresh(lm, a2) and b_tokens == fresh(lm, b2)
         if store is not None:  # each turn prefills only what its conversation added
             assert a_stats.cached_tokens == len(a1) + len(a_reply) - 1
