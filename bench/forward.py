@@ -27,11 +27,15 @@ DEFAULT_CONTEXT = 64
 
 Workloads = Dict[str, Dict[int, Callable[[], None]]]  # "prefill" / "verify" -> token count -> one run
 Timings = Dict[str, Dict[int, float]]  # "prefill" / "verify" -> token count -> median ms
+# Idle time before each timed run: torch's OpenMP threads spin for up to 200 ms after their last task
+# (OpenMP's default block time), and without a pause that spin ran into the next implementation's
+# run (an 8-token pass of ours measured 1.99x a step right after torch's runs, 1.36x alone).
+SETTLE_S = 0.25
 
 
 def measure_interleaved(workloads: Dict[str, Workloads], repeats: int) -> Dict[str, Timings]:
     """Median ms of every workload; implementations alternate within each repeat (a shared machine's
-    load then hits them alike). One uncounted warm-up call each."""
+    load then hits them alike), each run after `SETTLE_S` of idle. One uncounted warm-up call each."""
     samples: Dict[tuple, List[float]] = {}
     for impl, kinds in workloads.items():
         for kind, runs in kinds.items():
@@ -42,6 +46,7 @@ def measure_interleaved(workloads: Dict[str, Workloads], repeats: int) -> Dict[s
         for n in runs:
             for _ in range(repeats):
                 for impl in workloads:
+                    time.sleep(SETTLE_S)
                     start = time.perf_counter()
                     workloads[impl][kind][n]()
                     samples.setdefault((impl, kind, n), []).append((time.perf_counter() - start) * 1e3)

@@ -9,6 +9,12 @@ BLAS first makes MLX's float32 matmuls use it. Two are looked for, in this order
   than with OpenBLAS 0.3.21, whose `sgemm` packs the whole weight even for one row;
 - the system's OpenBLAS (Debian/Ubuntu: `apt install libopenblas0-pthread`): fast prefill.
 
+In front of that BLAS, on x86-64 CPUs with AVX2 and FMA, goes the project's own few-row kernel
+(`openelm_mlx/small_gemm.c`, built at install where a C compiler is found): it takes the float32
+`x @ W.T` of 2 to 16 rows (a verify pass, a batch of decode rows), where MKL costs nearly as much
+per row as for one row, and hands every other call to the BLAS.
+OPENELM_MLX_SMALL_GEMM=off leaves it out.
+
 Controlled by the environment variable OPENELM_MLX_BLAS:
 - unset or `auto`: the first of those that is installed, else mlx's bundled BLAS;
 - `reference`: keep mlx's bundled reference BLAS;
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.machinery
 import os
 import sys
 import warnings
@@ -30,9 +37,11 @@ from pathlib import Path
 from typing import Optional
 
 ENV_VAR = "OPENELM_MLX_BLAS"
+KERNEL_ENV_VAR = "OPENELM_MLX_SMALL_GEMM"
 # A thread count set in one of these is the user's: MKL is then left with it.
 BLAS_THREAD_VARS = ("MKL_NUM_THREADS", "OMP_NUM_THREADS")
 _preloaded: Optional[str] = None  # the library `use_optimized_blas` loaded, if any
+_kernel: Optional[str] = None  # the few-row kernel placed in front of it, if any
 
 
 class _DlInfo(ctypes.Structure):
@@ -68,16 +77,43 @@ def use_optimized_blas() -> Optional[str]:
                       BLASWarning, stacklevel=2)
         return None
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(path)
     except OSError as e:
         if choice == "auto":
             return None  # an unusable system library is not the user's request: keep the bundled BLAS
         warnings.warn(f"{ENV_VAR}={choice}: cannot load it ({e}); using mlx's bundled reference BLAS "
                       f"(unset {ENV_VAR} or fix the path)", BLASWarning, stacklevel=2)
         return None
+    _place_kernel(library)  # first in the global scope: it gets MLX's calls and passes on the rest
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     _preloaded = path
     _single_threaded_mkl(path)
     return path
+
+
+def _place_kernel(blas: ctypes.CDLL) -> None:
+    """Load the few-row kernel with RTLD_GLOBAL and point its other calls at `blas`'s `cblas_sgemm`."""
+    global _kernel
+    path = kernel_library()
+    if path is None or os.environ.get(KERNEL_ENV_VAR, "").strip().lower() in ("off", "0", "no") \
+            or not hasattr(blas, "cblas_sgemm"):
+        return
+    kernel = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    kernel.openelm_gemm_configure(ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p))
+    _kernel = path
+
+
+def kernel_library() -> Optional[str]:
+    """The built few-row kernel (`_small_gemm*.so` beside this module) if this CPU can run it, else None."""
+    found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
+             for p in [Path(__file__).with_name("_small_gemm" + suffix)] if p.exists()]
+    if not found:
+        return None
+    try:
+        supported = ctypes.CDLL(str(found[0])).openelm_gemm_supported()
+    except (OSError, AttributeError):
+        return None
+    return str(found[0]) if supported else None
 
 
 def _single_threaded_mkl(path: str) -> None:
@@ -100,7 +136,13 @@ def _installed_mkl() -> Optional[str]:
 
 
 def _global_sgemm_provider() -> Optional[str]:
-    """The library that `cblas_sgemm` resolves to in the global scope (LD_PRELOAD or `use_optimized_blas`)."""
+    """The BLAS that `cblas_sgemm` resolves to in the global scope (LD_PRELOAD or `use_optimized_blas`);
+    behind the few-row kernel, the BLAS it hands the other calls to."""
+    provider = _resolved_sgemm()
+    return _preloaded if provider is not None and provider == _kernel else provider
+
+
+def _resolved_sgemm() -> Optional[str]:
     try:
         process = ctypes.CDLL(None)
         address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p).value
@@ -166,6 +208,7 @@ def describe_blas() -> str:
     provider = _global_sgemm_provider()
     if provider is not None:
         name = _optimized_blas_name(provider)
-        return f"{name or 'BLAS'} ({provider})"
+        kernel = ", few-row matmuls by openelm-mlx's small_gemm kernel" if _kernel and _resolved_sgemm() == _kernel else ""
+        return f"{name or 'BLAS'} ({provider}){kernel}"
     bundled = _mapped_blas()
     return f"reference BLAS bundled with mlx[cpu] ({bundled or 'not mapped yet'})"
