@@ -143,6 +143,7 @@ def _global_sgemm_provider() -> Optional[str]:
 
 
 def _resolved_sgemm() -> Optional[str]:
+    """The library that `cblas_sgemm` resolves to in the global scope, the few-row kernel included."""
     try:
         process = ctypes.CDLL(None)
         address = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p).value
@@ -208,7 +209,8 @@ def describe_blas() -> str:
     provider = _global_sgemm_provider()
     if provider is not None:
         name = _optimized_blas_name(provider)
-        kernel = ", few-row matmuls by openelm-mlx's small_gemm kernel" if _kernel and _resolved_sgemm() == _kernel else ""
+        in_front = _kernel is not None and _resolved_sgemm() == _kernel
+        kernel = ", few-row matmuls by openelm-mlx's small_gemm kernel" if in_front else ""
         return f"{name or 'BLAS'} ({provider}){kernel}"
     bundled = _mapped_blas()
     return f"reference BLAS bundled with mlx[cpu] ({bundled or 'not mapped yet'})"
