@@ -5,11 +5,12 @@ For a few rows of x (a batch of decode rows, a speculative verify pass) MKL 2026
 2-core AMD EPYC costs nearly as much per row as for one row: a 6144x1280 weight took 2.6 ms for 1 row
 and 10.3 ms for 8 on one thread, with weights streamed from memory. Here each block of 3 weight rows
 is read from memory once and multiplied by every row of x while it sits in L1: 8 rows then cost
-3.3-3.5 ms. Larger calls, other transposes and other orders go to the BLAS
-that `openelm_gemm_configure` names (openelm_mlx/blas.py loads this library first, then that BLAS).
+3.3-3.5 ms. One row, larger calls, other transposes and other orders go to the BLAS that
+`openelm_gemm_configure` names (openelm_mlx/blas.py loads this library first, then that BLAS).
 
 Every output element is one dot product whose summation order depends only on K: a row of x gives
-bit for bit the same result alone, among other rows or against a slice of the weight's rows.
+bit for bit the same result among any other rows of a call (2 to 16) and against any slice of the
+weight's rows (the split over CPU streams).
 
 Built by setup.py as an optional extension on Linux x86-64 and loaded with ctypes (never imported).
 The kernels use AVX2 and FMA; `openelm_gemm_supported` says whether this CPU has them. */
@@ -111,7 +112,7 @@ KERNEL static void one(int K, float alpha, const float *a, const float *w, float
     store(out, finish(acc, K, a, w), alpha, beta);
 }
 
-/* A row of a by 3 rows of w: a decode step's matvec, each weight row read once. */
+/* A row of a by 3 rows of w: the rows left over after the blocks of 4. */
 KERNEL static void row_block(int K, float alpha, const float *a, const float *w, int ldw, float beta, float *c) {
     const float *w0 = w, *w1 = w + ldw, *w2 = w + 2L * ldw;
     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0;
