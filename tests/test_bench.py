@@ -258,9 +258,17 @@ def test_blas_is_described():
     assert "BLAS" in text and "/" in text
 
 
+def run_with_blas_env(code: str, **env: str) -> str:
+    """Stdout of `code` in a fresh interpreter, with `env` set and no BLAS thread count of the caller's."""
+    environment = {key: value for key, value in os.environ.items() if key not in blas.BLAS_THREAD_VARS}
+    environment.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def _blas_in_subprocess(setting: str, **extra_env: str) -> str:
-    env = {key: value for key, value in os.environ.items() if key not in blas.BLAS_THREAD_VARS}
-    env.update({blas.ENV_VAR: setting, **extra_env})
     code = ("import openelm_mlx\nopenelm_mlx.use_optimized_blas()\nimport mlx.core as mx\n"
             "from openelm_mlx import blas, loading\n"
             "a = mx.random.normal((64, 48), key=mx.random.key(0)); b = mx.random.normal((48, 32), key=mx.random.key(1))\n"
@@ -268,9 +276,7 @@ def _blas_in_subprocess(setting: str, **extra_env: str) -> str:
             "err = float(np.abs(np.array(a @ b) - np.array(a).astype(np.float64) @ np.array(b)).max())\n"
             "print(blas.optimized_blas(), loading.default_dtype(), err < 1e-4, blas.describe_blas(),\n"
             "      blas.blas_threads(), sep='|')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    return run_with_blas_env(code, **{blas.ENV_VAR: setting, **extra_env})
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")

@@ -8,15 +8,14 @@ fallback is a Python function that records each call and computes it with NumPy.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from test_bench import run_with_blas_env
 from openelm_mlx import blas
 
 ROW_MAJOR, COL_MAJOR, NO_TRANS, TRANS = 101, 102, 111, 112
@@ -91,7 +90,6 @@ def _random(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-@needs_kernel
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("n, k", [(7, 256), (48, 259), (100, 1280), (3, 1031)])
 def test_kernel_matches_float64(kernel, m, n, k):
@@ -104,7 +102,6 @@ def test_kernel_matches_float64(kernel, m, n, k):
     assert np.abs(out - exact).max() <= 1e-5 * np.sqrt(k) * np.abs(x).max() * np.abs(w).max() * 4
 
 
-@needs_kernel
 def test_strides_alpha_and_beta(kernel):
     rng = np.random.default_rng(1)
     x, w = _random(rng, 6, 300)[:, 10:290], _random(rng, 40, 320)[:, 5:285]  # row strides past K
@@ -116,7 +113,6 @@ def test_strides_alpha_and_beta(kernel):
     assert np.array_equal(out[:, :3], start[:, :3]) and np.array_equal(out[:, 43:], start[:, 43:])  # untouched
 
 
-@needs_kernel
 def test_beta_zero_does_not_read_the_output(kernel):
     rng = np.random.default_rng(2)
     x, w = _random(rng, 4, 256), _random(rng, 9, 256)
@@ -124,7 +120,6 @@ def test_beta_zero_does_not_read_the_output(kernel):
     assert np.isfinite(out).all()
 
 
-@needs_kernel
 def test_a_row_gives_the_same_bits_among_any_rows_and_any_weight_slice(kernel):
     """What keeps a verify pass, a batch row and a split matmul (cpu_split) equal to each other."""
     rng = np.random.default_rng(3)
@@ -136,7 +131,6 @@ def test_a_row_gives_the_same_bits_among_any_rows_and_any_weight_slice(kernel):
         assert np.array_equal(kernel.gemm(x[4:9], w[cols]), full[4:9, cols])
 
 
-@needs_kernel
 @pytest.mark.parametrize("case", [
     dict(m=1, k=1280),                 # a decode step: MKL's matvec is as fast
     dict(m=17, k=1280),                # more rows than the kernel takes
@@ -152,7 +146,6 @@ def test_calls_outside_the_kernel_go_to_the_blas_behind_it(kernel, case):
     assert np.allclose(out, x @ w.T, atol=1e-4)
 
 
-@needs_kernel
 @pytest.mark.parametrize("order, trans_a, trans_b", [(COL_MAJOR, NO_TRANS, TRANS), (ROW_MAJOR, TRANS, TRANS),
                                                      (ROW_MAJOR, NO_TRANS, NO_TRANS)])
 def test_other_orders_and_transposes_are_handed_on(kernel, order, trans_a, trans_b):
@@ -162,15 +155,6 @@ def test_other_orders_and_transposes_are_handed_on(kernel, order, trans_a, trans
     kernel.gemm(x, w, order=order, trans_a=trans_a, trans_b=trans_b)
     assert kernel.counts() == (before[0], before[1] + 1)
     assert kernel.forwarded[calls:] == [(order, trans_a, trans_b, 4, 8, 256)]
-
-
-def _mlx_in_subprocess(code: str, **env: str) -> str:
-    environment = {key: value for key, value in os.environ.items() if key not in blas.BLAS_THREAD_VARS}
-    environment.update(env)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
 
 
 def _bundled_reference_blas() -> str:
@@ -206,8 +190,8 @@ def test_use_optimized_blas_puts_the_kernel_in_front_of_the_blas():
     """End to end through MLX, with mlx's own bundled BLAS named as the library (no MKL needed): the
     kernel takes MLX's few-row matmuls, the BLAS the rest, results match float64; off, it is left out."""
     reference = _bundled_reference_blas()
-    on = _mlx_in_subprocess(MLX_MATMULS, **{blas.ENV_VAR: reference}).split()
+    on = run_with_blas_env(MLX_MATMULS, **{blas.ENV_VAR: reference}).split()
     assert on[:3] == ["True", "True", "False"]  # exact, described, and a reference BLAS is still no optimized one
     assert on[3:] == ["3", "2"]  # 2, 8 and 16 rows by the kernel; 1 and 40 rows handed to the BLAS
-    off = _mlx_in_subprocess(MLX_MATMULS, **{blas.ENV_VAR: reference, blas.KERNEL_ENV_VAR: "off"}).split()
+    off = run_with_blas_env(MLX_MATMULS, **{blas.ENV_VAR: reference, blas.KERNEL_ENV_VAR: "off"}).split()
     assert off == ["True", "False", "False", "0", "0"]
