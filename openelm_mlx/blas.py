@@ -36,6 +36,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .cpu_memory import keep_freed_memory
+
 ENV_VAR = "OPENELM_MLX_BLAS"
 KERNEL_ENV_VAR = "OPENELM_MLX_SMALL_GEMM"
 # A thread count set in one of these is the user's: MKL is then left with it.
@@ -58,12 +60,15 @@ def use_optimized_blas() -> Optional[str]:
 
     Loads the library chosen by OPENELM_MLX_BLAS (see the module docstring) with RTLD_GLOBAL and returns
     its path, or None when there is nothing to load (off Linux, `reference`, none installed). The
-    `openelm-mlx` command calls it first thing. MKL is set to run on one thread unless MKL_NUM_THREADS
-    or OMP_NUM_THREADS is set (`cpu_split` spreads the work over CPU streams instead). Once `mlx.core`
+    `openelm-mlx` command calls it first thing. On glibc it first keeps freed memory in the process
+    (`cpu_memory.keep_freed_memory`: MLX's large CPU ops otherwise fault in fresh pages), whatever the
+    BLAS. MKL is set to run on one thread unless MKL_NUM_THREADS or OMP_NUM_THREADS is set (`cpu_split`
+    spreads the work over CPU streams instead). Once `mlx.core`
     is imported MLX has bound its BLAS: a later call changes nothing and warns (BLASWarning), as does
     a library that cannot be loaded.
     """
     global _preloaded
+    keep_freed_memory()
     choice = os.environ.get(ENV_VAR, "auto").strip() or "auto"
     if _preloaded or sys.platform != "linux" or choice == "reference":
         return _preloaded

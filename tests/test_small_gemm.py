@@ -48,14 +48,19 @@ class Kernel:
     def __init__(self):
         self.library = ctypes.CDLL(blas.kernel_library())
         self.forwarded = []
+        self.outputs = []  # (address, ldc) of each forwarded call's output
         self._fallback = SGEMM(self._numpy_sgemm)  # kept alive: the library holds its address
         self.library.openelm_gemm_configure(ctypes.cast(self._fallback, ctypes.c_void_p))
 
     def _numpy_sgemm(self, order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         self.forwarded.append((order, trans_a, trans_b, m, n, k))
-        if (order, trans_a, trans_b) != (ROW_MAJOR, NO_TRANS, TRANS):
+        self.outputs.append((c, ldc))
+        if (order, trans_b) != (ROW_MAJOR, TRANS):
             return  # only recorded: the tests that send these look at who got them
-        x = np.ctypeslib.as_array(ctypes.cast(a, ctypes.POINTER(ctypes.c_float)), (m, lda))[:, :k]
+        if trans_a == NO_TRANS:
+            x = np.ctypeslib.as_array(ctypes.cast(a, ctypes.POINTER(ctypes.c_float)), (m, lda))[:, :k]
+        else:  # a holds x.T: k rows of lda floats
+            x = np.ctypeslib.as_array(ctypes.cast(a, ctypes.POINTER(ctypes.c_float)), (k, lda))[:, :m].T
         w = np.ctypeslib.as_array(ctypes.cast(b, ctypes.POINTER(ctypes.c_float)), (n, ldb))[:, :k]
         out = np.ctypeslib.as_array(ctypes.cast(c, ctypes.POINTER(ctypes.c_float)), (m, ldc))
         out[:, :n] = alpha * (x @ w.T) + (beta * out[:, :n] if beta else 0)  # beta 0: out is not read
@@ -150,11 +155,72 @@ def test_calls_outside_the_kernel_go_to_the_blas_behind_it(kernel, case):
                                                      (ROW_MAJOR, NO_TRANS, NO_TRANS)])
 def test_other_orders_and_transposes_are_handed_on(kernel, order, trans_a, trans_b):
     rng = np.random.default_rng(5)
-    x, w = _random(rng, 4, 256), _random(rng, 8, 256)
+    x, w = _random(rng, 256, 256)[:4], _random(rng, 8, 256)  # rows past 4: read as x.T under TransA
     before, calls = kernel.counts(), len(kernel.forwarded)
     kernel.gemm(x, w, order=order, trans_a=trans_a, trans_b=trans_b)
     assert kernel.counts() == (before[0], before[1] + 1)
     assert kernel.forwarded[calls:] == [(order, trans_a, trans_b, 4, 8, 256)]
+
+
+def _misaligned(m: int, n: int, offset_bytes: int = 8) -> np.ndarray:
+    """An [m, n] float32 array `offset_bytes` past a 64-byte boundary (MLX's CPU buffers start 8 past 16)."""
+    buffer = np.empty(m * n + 32, np.float32)
+    start = (-buffer.ctypes.data % 64 + offset_bytes) // 4
+    out = buffer[start:start + m * n].reshape(m, n)
+    out.fill(np.nan)
+    return out
+
+
+def _forward(kernel, x_stored, w, out, *, trans_a=NO_TRANS, beta=0.0):
+    m, k = (x_stored.shape if trans_a == NO_TRANS else x_stored.shape[::-1])
+    kernel.library.cblas_sgemm(ROW_MAJOR, trans_a, TRANS, m, w.shape[0], k, ctypes.c_float(1.0),
+                               x_stored.ctypes.data_as(ctypes.c_void_p), x_stored.shape[1],
+                               w.ctypes.data_as(ctypes.c_void_p), w.shape[1], ctypes.c_float(beta),
+                               out.ctypes.data_as(ctypes.c_void_p), out.shape[1])
+
+
+def test_a_large_call_with_a_misaligned_output_reaches_the_blas_with_an_aligned_one(kernel):
+    """MKL's sgemm runs slower into an output that is not 64-byte aligned, and MLX's never is: the
+    kernel hands the BLAS an aligned scratch (rows padded to 64 bytes) and copies the result out."""
+    rng = np.random.default_rng(6)
+    x, w = _random(rng, 64, 1024), _random(rng, 300, 1024)
+    calls = len(kernel.forwarded)
+    out = _misaligned(64, 300)
+    _forward(kernel, x, w, out)
+    [(address, ldc)] = kernel.outputs[calls:]
+    assert address % 64 == 0 and ldc == 304 and address != out.ctypes.data
+    aligned = _misaligned(64, 300, offset_bytes=0)
+    _forward(kernel, x, w, aligned)
+    assert kernel.outputs[-1] == (aligned.ctypes.data, 300)  # already aligned: straight through
+    assert np.array_equal(out, aligned)  # the same numbers, copied out whole
+    assert np.allclose(out, x @ w.T, atol=1e-3)
+
+
+def test_a_misaligned_output_stays_put_where_the_copy_would_not_pay_or_c_is_read(kernel):
+    rng = np.random.default_rng(7)
+    x, w = _random(rng, 20, 256), _random(rng, 100, 256)  # 1 MFLOP: too small to pay for the copy
+    out = _misaligned(20, 100)
+    _forward(kernel, x, w, out)
+    assert kernel.outputs[-1] == (out.ctypes.data, 100)
+    x, w = _random(rng, 64, 1024), _random(rng, 300, 1024)
+    out = _misaligned(64, 300)
+    out.fill(1.0)
+    _forward(kernel, x, w, out, beta=1.0)  # beta 1 reads C: handed on as it is
+    assert kernel.outputs[-1] == (out.ctypes.data, 300)
+    assert np.allclose(out, x @ w.T + 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("trans_a", [NO_TRANS, TRANS])
+def test_a_large_output_goes_through_the_scratch_in_row_chunks(kernel, trans_a):
+    """The scratch holds 16 MB at most: 1,100 rows of 4,100 (padded to 4,112) go as 1,020 + 80 rows."""
+    rng = np.random.default_rng(8)
+    x, w = _random(rng, 1100, 8), _random(rng, 4100, 8)
+    stored = x if trans_a == NO_TRANS else np.ascontiguousarray(x.T)
+    calls = len(kernel.forwarded)
+    out = _misaligned(1100, 4100)
+    _forward(kernel, stored, w, out, trans_a=trans_a)
+    assert [call[3] for call in kernel.forwarded[calls:]] == [1020, 80]
+    assert np.allclose(out, x @ w.T, atol=1e-4)
 
 
 def _bundled_reference_blas() -> str:
