@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import Optional
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's upper bound for it on 64-bit (HEAP_MAX_SIZE / 2)
@@ -28,14 +29,21 @@ TRIM_THRESHOLD = 256 << 20
 USER_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (module docstring); True when they were set."""
-    if sys.platform != "linux" or any(os.environ.get(var) for var in USER_VARS):
-        return False
+def glibc() -> Optional[ctypes.CDLL]:
+    """This process's C library if it is glibc (Linux), else None (musl's mallopt does nothing)."""
+    if sys.platform != "linux":
+        return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc's own symbol: musl's mallopt does nothing
-    except (OSError, AttributeError):
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None  # glibc's own symbol
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds (module docstring); True when they were set."""
+    libc = glibc()
+    if libc is None or any(os.environ.get(var) for var in USER_VARS):
         return False
     mmap_set = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     trim_set = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

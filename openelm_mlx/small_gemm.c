@@ -168,6 +168,7 @@ int openelm_gemm_supported(void) { return 0; }
 enum { ALIGN = 64, ALIGN_FLOATS = ALIGN / sizeof(float), OUTPUT_CHUNK_BYTES = 16 << 20 };
 static const double REALIGN_MIN_FLOPS = 1 << 25;  /* smaller calls (attention's) gained nothing measurable */
 
+/* One row (a decode step's matrix-vector product) is left as it is: not measured to pay. */
 static int realigns(int M, int N, int K, const float *c) {
     return ((size_t)c % ALIGN) != 0 && M > 1 && N >= ALIGN_FLOATS &&
            2.0 * M * N * K >= REALIGN_MIN_FLOPS;

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from test_bench import run_with_blas_env
-
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc thresholds")
+from openelm_mlx.cpu_memory import glibc
 
 # A 16 MB block is mmapped by glibc's default threshold (128 KB, rising only as such blocks are freed);
-# after keep_freed_memory it comes from the heap. glibc marks an mmapped chunk with bit 2 of the size
-# word just before the block.
+# after keep_freed_memory it comes from the heap. glibc marks an mmapped chunk with the 0x2 bit (IS_MMAPPED)
+# of the size word just before the block.
 ALLOCATION = """
 import ctypes
 from openelm_mlx.cpu_memory import keep_freed_memory
@@ -26,16 +23,11 @@ libc.free(block)
 """
 
 
-def _glibc() -> bool:
-    import ctypes
-    return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc")
+@pytest.mark.skipif(glibc() is None, reason="glibc's malloc")
 def test_large_blocks_come_from_the_heap_after_keep_freed_memory():
     assert run_with_blas_env(ALLOCATION).split() == ["True", "False"]
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc")
+@pytest.mark.skipif(glibc() is None, reason="glibc's malloc")
 def test_a_threshold_the_user_set_is_left_alone():
     assert run_with_blas_env(ALLOCATION, MALLOC_TRIM_THRESHOLD_="131072").split() == ["False", "True"]

@@ -71,8 +71,9 @@ class Kernel:
         return kernel.value, forwarded.value
 
     def gemm(self, x, w, *, out=None, alpha=1.0, beta=0.0, order=ROW_MAJOR, trans_a=NO_TRANS, trans_b=TRANS):
-        """`alpha * x @ w.T + beta * out` through cblas_sgemm; x, w, out may be column slices (strides kept)."""
-        m, k = x.shape
+        """`alpha * x @ w.T + beta * out` through cblas_sgemm; x, w, out may be column slices (strides kept).
+        With TransA, `x` is stored transposed ([K, M]), as the BLAS reads it."""
+        m, k = x.shape if trans_a == NO_TRANS else x.shape[::-1]
         n = w.shape[0]
         out = np.full((m, n), np.nan, np.float32) if out is None else out
         for array in (x, w, out):
@@ -155,7 +156,7 @@ def test_calls_outside_the_kernel_go_to_the_blas_behind_it(kernel, case):
                                                      (ROW_MAJOR, NO_TRANS, NO_TRANS)])
 def test_other_orders_and_transposes_are_handed_on(kernel, order, trans_a, trans_b):
     rng = np.random.default_rng(5)
-    x, w = _random(rng, 256, 256)[:4], _random(rng, 8, 256)  # rows past 4: read as x.T under TransA
+    x, w = (_random(rng, 256, 4) if trans_a == TRANS else _random(rng, 4, 256)), _random(rng, 8, 256)
     before, calls = kernel.counts(), len(kernel.forwarded)
     kernel.gemm(x, w, order=order, trans_a=trans_a, trans_b=trans_b)
     assert kernel.counts() == (before[0], before[1] + 1)
@@ -171,14 +172,6 @@ def _misaligned(m: int, n: int, offset_bytes: int = 8) -> np.ndarray:
     return out
 
 
-def _forward(kernel, x_stored, w, out, *, trans_a=NO_TRANS, beta=0.0):
-    m, k = (x_stored.shape if trans_a == NO_TRANS else x_stored.shape[::-1])
-    kernel.library.cblas_sgemm(ROW_MAJOR, trans_a, TRANS, m, w.shape[0], k, ctypes.c_float(1.0),
-                               x_stored.ctypes.data_as(ctypes.c_void_p), x_stored.shape[1],
-                               w.ctypes.data_as(ctypes.c_void_p), w.shape[1], ctypes.c_float(beta),
-                               out.ctypes.data_as(ctypes.c_void_p), out.shape[1])
-
-
 def test_a_large_call_with_a_misaligned_output_reaches_the_blas_with_an_aligned_one(kernel):
     """MKL's sgemm runs slower into an output that is not 64-byte aligned, and MLX's never is: the
     kernel hands the BLAS an aligned scratch (rows padded to 64 bytes) and copies the result out."""
@@ -186,11 +179,11 @@ def test_a_large_call_with_a_misaligned_output_reaches_the_blas_with_an_aligned_
     x, w = _random(rng, 64, 1024), _random(rng, 300, 1024)
     calls = len(kernel.forwarded)
     out = _misaligned(64, 300)
-    _forward(kernel, x, w, out)
+    kernel.gemm(x, w, out=out)
     [(address, ldc)] = kernel.outputs[calls:]
     assert address % 64 == 0 and ldc == 304 and address != out.ctypes.data
     aligned = _misaligned(64, 300, offset_bytes=0)
-    _forward(kernel, x, w, aligned)
+    kernel.gemm(x, w, out=aligned)
     assert kernel.outputs[-1] == (aligned.ctypes.data, 300)  # already aligned: straight through
     assert np.array_equal(out, aligned)  # the same numbers, copied out whole
     assert np.allclose(out, x @ w.T, atol=1e-3)
@@ -200,12 +193,12 @@ def test_a_misaligned_output_stays_put_where_the_copy_would_not_pay_or_c_is_read
     rng = np.random.default_rng(7)
     x, w = _random(rng, 20, 256), _random(rng, 100, 256)  # 1 MFLOP: too small to pay for the copy
     out = _misaligned(20, 100)
-    _forward(kernel, x, w, out)
+    kernel.gemm(x, w, out=out)
     assert kernel.outputs[-1] == (out.ctypes.data, 100)
     x, w = _random(rng, 64, 1024), _random(rng, 300, 1024)
     out = _misaligned(64, 300)
     out.fill(1.0)
-    _forward(kernel, x, w, out, beta=1.0)  # beta 1 reads C: handed on as it is
+    kernel.gemm(x, w, out=out, beta=1.0)  # beta 1 reads C: handed on as it is
     assert kernel.outputs[-1] == (out.ctypes.data, 300)
     assert np.allclose(out, x @ w.T + 1.0, atol=1e-3)
 
@@ -218,7 +211,7 @@ def test_a_large_output_goes_through_the_scratch_in_row_chunks(kernel, trans_a):
     stored = x if trans_a == NO_TRANS else np.ascontiguousarray(x.T)
     calls = len(kernel.forwarded)
     out = _misaligned(1100, 4100)
-    _forward(kernel, stored, w, out, trans_a=trans_a)
+    kernel.gemm(stored, w, out=out, trans_a=trans_a)
     assert [call[3] for call in kernel.forwarded[calls:]] == [1020, 80]
     assert np.allclose(out, x @ w.T, atol=1e-4)
 
