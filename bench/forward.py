@@ -3,11 +3,13 @@
     python -m openelm_mlx.bench.forward [--size 270M] [--threads 2] [--blas-threads N] [--repeats 5] [--torch]
 
 Prints, for a synthetic (random float32) model: the time of a fresh prefill of each --prefill
-length (logits of the last position only, as generation needs), and the time of a forward over
+length (as generation runs it: the last position's logits only, and the last layer's other rows
+skipped, `Model.hidden(..., last=1)`), and the time of a forward over
 each --verify count of new tokens after a --context-token cache (logits of every new position, as
 speculative verification needs), relative to a 1-token decode step on the same cache. With
 --torch, the same for a minimal PyTorch forward of the same math on the same weights (float32,
-torch's SDPA, a KV cache; built here, since Apple's modeling code cannot be fetched offline).
+torch's SDPA, a KV cache; built here, since Apple's modeling code cannot be fetched offline),
+whose prefill takes the last position's logits only but runs its last layer in full.
 Each figure is the median of --repeats timings after one warm-up; the implementations alternate
 within each repeat, so a busy machine's load falls on both alike.
 """
@@ -66,8 +68,8 @@ def mlx_workloads(model, prefill: Sequence[int], verify: Sequence[int], context:
 
     def fresh_prefill(ids: mx.array) -> Callable[[], None]:
         def run() -> None:
-            hidden = model.hidden(ids, make_cache(len(model.layers)))
-            mx.eval(model.logits(hidden[:, -1:]))  # generation needs the last position's logits only
+            hidden = model.hidden(ids, make_cache(len(model.layers)), last=1)
+            mx.eval(model.logits(hidden))  # generation needs the last position's logits only
         return run
 
     cache = make_cache(len(model.layers))

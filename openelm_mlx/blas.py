@@ -109,9 +109,10 @@ def _place_kernel(blas: ctypes.CDLL) -> None:
 
 
 def kernel_library() -> Optional[str]:
-    """The built few-row kernel (`_small_gemm*.so` beside this module) if this CPU can run it, else None."""
+    """The built kernels' library (`_kernels*.so` beside this module: the few-row kernel, cpu_attention.c's
+    kernel) if this CPU can run it, else None."""
     found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
-             for p in [Path(__file__).with_name("_small_gemm" + suffix)] if p.exists()]
+             for p in [Path(__file__).with_name("_kernels" + suffix)] if p.exists()]
     if not found:
         return None
     try:

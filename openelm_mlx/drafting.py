@@ -134,7 +134,7 @@ class DraftModel:
         feed = ids[common:]
         for start in range(0, len(feed) - 1, DRAFT_PREFILL_STEP):  # all but the last chunk, no logits
             chunk = feed[start:min(start + DRAFT_PREFILL_STEP, len(feed) - 1)]
-            self.model.hidden(mx.array([chunk]), self.cache)
+            self.model.hidden(mx.array([chunk]), self.cache, last=1)
             mx.eval([layer_cache.state for layer_cache in self.cache])
         feed = feed[-1:] if len(feed) > 1 else feed
         inputs = mx.array([feed])

@@ -311,13 +311,14 @@ class Engine:
         for row, size in chunks:
             ids += row.pending[:size]
             row.pending = row.pending[size:]
-        if len(rows) == 1:
-            caches = rows[0].cache
+        if len(rows) == 1:  # one prompt needs its last position's hidden state at most
+            hidden = self.model.hidden(mx.array([ids]), rows[0].cache, last=1)[0]  # [1, model_dim]
+            ends = [1]
         else:
             lengths = [size for _, size in chunks]
             caches = [RowCaches([row.cache[i] for row in rows], lengths) for i in range(len(self.model.layers))]
-        hidden = self.model.hidden(mx.array([ids]), caches)[0]  # [tokens, model_dim]
-        ends = list(itertools.accumulate(size for _, size in chunks))
+            hidden = self.model.hidden(mx.array([ids]), caches)[0]  # [tokens, model_dim]
+            ends = list(itertools.accumulate(size for _, size in chunks))
         drawing = [(row, end - 1) for row, end in zip(rows, ends) if not row.pending and row.limit > 0]
         drew = [row for row, _ in drawing]
         if drew:  # only the prompts' last positions need logits

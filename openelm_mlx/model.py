@@ -13,7 +13,7 @@ import mlx.nn as nn
 from .cache import KVCache, RowCaches
 from .config import ModelArgs
 from .cpu_math import silu_times, softmax
-from . import cpu_split
+from . import cpu_attention, cpu_split
 from .cpu_split import gated_matmul_t, matmul_t, on_streams, spread
 
 Mask = Optional[Union[str, mx.array]]
@@ -40,12 +40,15 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: Mask, cache: Optional[Union[KVCache, RowCaches]],
-                 positions: Union[int, mx.array]) -> mx.array:
+                 positions: Union[int, mx.array], last: Optional[int] = None) -> mx.array:
+        """The attention block's output for every position of x, or for its `last` positions only (the cache
+        still takes every position's keys and values; not with RowCaches)."""
         B, T, _ = x.shape
         nq, nkv = self.num_query_heads, self.num_kv_heads
         # Fused projection output is head-major: nq query heads, then nkv key, then nkv value heads.
         qkv = _project(self.qkv_proj, x).reshape(B, T, nq + 2 * nkv, self.head_dim)
         q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)  # each [B, T, heads, hd]
+        raw_q = q.transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm, before RoPE
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, T, hd]
@@ -59,8 +62,16 @@ class Attention(nn.Module):
             else:
                 if cache is not None:
                     k, v = cache.update_and_fetch(k, v)
-                out = _attention(q, k, v, self.scale, mask)
-        return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, T, nq * self.head_dim))
+                if last is not None:  # the last queries still see every key ("causal" aligns them to the end)
+                    q, mask = q[:, :, -last:], mask[..., -last:, :] if isinstance(mask, mx.array) else mask
+                if last is None and isinstance(mask, str) and cpu_attention.applies(q, k):
+                    # The kernel norms and rotates the queries itself: the normed, rotated q above is never evaluated.
+                    out = cpu_attention.causal_attention(raw_q, k, v, self.scale, rope_base=self.rope_base,
+                                                         position=positions,
+                                                         q_norm=self.q_norm if "q_norm" in self else None)
+                else:
+                    out = _attention(q, k, v, self.scale, mask)
+        return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, -1, nq * self.head_dim))
 
     def _rope(self, x: mx.array, positions: Union[int, mx.array]) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=positions)
@@ -102,8 +113,9 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.ffn = FeedForward(args, layer)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Union[KVCache, RowCaches]], positions) -> mx.array:
-        h = x + self.attn(self.attn_norm(x), mask, cache, positions)
+    def __call__(self, x: mx.array, mask: Mask, cache: Optional[Union[KVCache, RowCaches]], positions,
+                 last: Optional[int] = None) -> mx.array:
+        h = (x if last is None else x[:, -last:]) + self.attn(self.attn_norm(x), mask, cache, positions, last)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -114,13 +126,17 @@ class Transformer(nn.Module):
         self.layers = [DecoderLayer(args, i) for i in range(args.num_transformer_layers)]
         self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, ids: mx.array, cache: Optional[List[Union[KVCache, RowCaches]]]) -> mx.array:
+    def __call__(self, ids: mx.array, cache: Optional[List[Union[KVCache, RowCaches]]],
+                 last: Optional[int] = None) -> mx.array:
         h = self.token_embeddings(ids)
         first = cache[0] if cache else None
+        if last is not None and (last < 1 or isinstance(first, RowCaches)):
+            raise ValueError(f"last must be a positive count of positions, and not with RowCaches (got {last})")
         positions = _positions(first)
         mask = _attention_mask(ids.shape[1], first)
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, cache[i] if cache else None, positions)
+            # Only the last layer can skip rows: every layer's keys and values of every position are cached.
+            h = layer(h, mask, cache[i] if cache else None, positions, last if i == len(self.layers) - 1 else None)
         return self.norm(h)
 
 
@@ -137,9 +153,11 @@ class Model(nn.Module):
     def __call__(self, ids: mx.array, cache: Optional[List[KVCache]] = None) -> mx.array:
         return self.logits(self.hidden(ids, cache))
 
-    def hidden(self, ids: mx.array, cache: Optional[List[KVCache]] = None) -> mx.array:
-        """Final-normed hidden states [B, T, model_dim]; prefill uses it to skip unneeded logits."""
-        return self.transformer(ids, cache)
+    def hidden(self, ids: mx.array, cache: Optional[List[KVCache]] = None, last: Optional[int] = None) -> mx.array:
+        """Final-normed hidden states [B, T, model_dim]; prefill uses it to skip unneeded logits. With `last`,
+        those of the last `last` positions only [B, min(last, T), model_dim]: the last layer then runs its
+        attention output and FFN for those rows only (the cache still gets every position)."""
+        return self.transformer(ids, cache, last)
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.share_input_output_layers:
@@ -165,6 +183,8 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) 
     """Grouped-query attention of q [B, nq, T, hd] over k, v [B, nkv, S, hd]; kv heads are never tiled."""
     if not isinstance(mask, str) or mx.default_device().type != mx.DeviceType.cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if cpu_attention.applies(q, k):
+        return cpu_attention.causal_attention(q, k, v, scale)
     T, past = q.shape[2], k.shape[2] - q.shape[2]
 
     def queries(first: int, stop: int) -> mx.array:

@@ -64,9 +64,9 @@ class CountingModel:
     def __init__(self, model):
         self.model, self.args, self.layers, self.fed = model, model.args, model.layers, 0
 
-    def hidden(self, ids, cache=None):
+    def hidden(self, ids, cache=None, last=None):
         self.fed += ids.shape[1]
-        return self.model.hidden(ids, cache)
+        return self.model.hidden(ids, cache, last)
 
     def logits(self, hidden):
         return self.model.logits(hidden)

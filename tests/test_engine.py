@@ -141,9 +141,9 @@ def test_prompts_arriving_together_are_prefilled_in_one_pass(lm, monkeypatch):
     passes = []
     real_hidden = type(model).hidden
 
-    def counting_hidden(self, ids, cache=None):
+    def counting_hidden(self, ids, cache=None, last=None):
         passes.append(ids.shape)
-        return real_hidden(self, ids, cache)
+        return real_hidden(self, ids, cache, last)
 
     monkeypatch.setattr(type(model), "hidden", counting_hidden)
     budget = sum(len(ids) for ids, _ in requests) - 3  # the last prompt's last 3 tokens wait a round

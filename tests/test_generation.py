@@ -698,15 +698,15 @@ class FailingModel:
     def __init__(self, model, fail_at):
         self.model, self.args, self.layers, self.fail_at, self.calls = model, model.args, model.layers, fail_at, 0
 
-    def hidden(self, ids, cache=None):
+    def hidden(self, ids, cache=None, last=None):
         self.calls += 1
         if self.calls == self.fail_at:
             try:
-                self.model.hidden(ids, cache[:1])  # layer 0 writes its cache, layer 1 finds none
+                self.model.hidden(ids, cache[:1], last)  # layer 0 writes its cache, layer 1 finds none
             except IndexError:
                 pass
             raise RuntimeError("simulated failure in a forward pass")
-        return self.model.hidden(ids, cache)
+        return self.model.hidden(ids, cache, last)
 
     def logits(self, hidden):
         return self.model.logits(hidden)

@@ -111,3 +111,22 @@ def test_rope_near_the_end_of_the_context_matches_the_reference(tmp_path, dtype,
     logits = mx.concatenate(steps, axis=1)
     error = float(np.abs(np.array(logits) - ref).max()) if tol is not None else relative_error(logits, ref)
     assert error <= (tol if tol is not None else REL_FRO_TOL[dtype])
+
+
+def test_hidden_of_the_last_positions_only(tmp_path):
+    """`hidden(..., last=N)` (a prefill's path: the last layer runs attention output and FFN for N rows)
+    gives the full forward's last N rows and fills the cache bit for bit the same, also over a cached
+    past and for a left-padded batch (its mask is cut to the kept queries); a count below 1 is refused."""
+    config = tiny_config(num_layers=3, tied=False)
+    model = load_model(write_hf_checkpoint(tmp_path, config, random_state_dict(config, seed=4)), dtype="float32")
+    ids = mx.array(np.random.default_rng(2).integers(3, config["vocab_size"], size=(2, 30)))
+    for pads in (None, [0, 7]):
+        full, kept = make_cache(3, left_padding=pads), make_cache(3, left_padding=pads)
+        for chunk in (ids[:, :20], ids[:, 20:]):
+            everything, last_three = model.hidden(chunk, full), model.hidden(chunk, kept, last=3)
+            assert last_three.shape == (2, 3, config["model_dim"])
+            np.testing.assert_allclose(np.array(last_three), np.array(everything[:, -3:]), rtol=1e-5, atol=1e-5)
+            for a, b in zip(full, kept):
+                assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a.state, b.state))
+    with pytest.raises(ValueError, match="last"):
+        model.hidden(ids, make_cache(3), last=0)

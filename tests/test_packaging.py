@@ -1,5 +1,5 @@
 """The wheel: everything under openelm_mlx/, a working console script, no generic top-level names, and on
-Linux x86-64 the compiled few-row kernel (openelm_mlx/small_gemm.c)."""
+Linux x86-64 the compiled kernels (openelm_mlx/small_gemm.c, cpu_attention.c)."""
 
 import platform
 import subprocess
@@ -29,7 +29,7 @@ def test_wheel_has_no_generic_top_level_packages(wheel):
     assert "openelm_mlx/convert/__init__.py" in names and "openelm_mlx/bench/__init__.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "openelm-mlx = openelm_mlx.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    kernels = [n for n in names if n.startswith("openelm_mlx/_small_gemm") and n.endswith(".so")]
+    kernels = [n for n in names if n.startswith("openelm_mlx/_kernels") and n.endswith(".so")]
     assert len(kernels) == (1 if sys.platform == "linux" and platform.machine() == "x86_64" else 0), names
 
 
