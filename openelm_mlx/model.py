@@ -48,7 +48,7 @@ class Attention(nn.Module):
         # Fused projection output is head-major: nq query heads, then nkv key, then nkv value heads.
         qkv = _project(self.qkv_proj, x).reshape(B, T, nq + 2 * nkv, self.head_dim)
         q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)  # each [B, T, heads, hd]
-        raw_q = q.transpose(0, 2, 1, 3)
+        raw_q = q
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)  # per-head RMSNorm, before RoPE
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, T, hd]
@@ -66,9 +66,9 @@ class Attention(nn.Module):
                     q, mask = q[:, :, -last:], mask[..., -last:, :] if isinstance(mask, mx.array) else mask
                 if last is None and isinstance(mask, str) and cpu_attention.applies(q, k):
                     # The kernel norms and rotates the queries itself: the normed, rotated q above is never evaluated.
-                    out = cpu_attention.causal_attention(raw_q, k, v, self.scale, rope_base=self.rope_base,
-                                                         position=positions,
-                                                         q_norm=self.q_norm if "q_norm" in self else None)
+                    out = cpu_attention.causal_attention(raw_q.transpose(0, 2, 1, 3), k, v, self.scale,
+                                                         q_norm=self.q_norm if "q_norm" in self else None,
+                                                         rope_base=self.rope_base, position=positions)
                 else:
                     out = _attention(q, k, v, self.scale, mask)
         return _project(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, -1, nq * self.head_dim))
