@@ -18,7 +18,8 @@ from .cpu_split import gated_matmul_t, matmul_t, on_streams, spread
 
 Mask = Optional[Union[str, mx.array]]
 
-# Causal attention on a CPU is written out as matmuls, in chunks of this many queries. MLX's CPU
+# Causal float32 attention of cpu_attention.MIN_QUERIES or more queries on a CPU runs in the compiled
+# kernel where it is built; the rest is written out as matmuls, in chunks of this many queries. MLX's CPU
 # SDPA takes ~4.4 ms per 270M layer for 2-4 queries (a verify pass) against 0.5 ms for the same
 # math; for a long prefill its softmax (one thread, slow exp) covers the whole T x T square, while
 # each chunk here covers only the keys it can see: about half the square at 512 tokens.
