@@ -32,9 +32,10 @@ import ctypes.util
 import importlib.machinery
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional
 
 from .cpu_memory import keep_freed_memory
 
@@ -198,8 +199,19 @@ def blas_threads() -> int:
         return 1
     for getter in ("MKL_Get_Max_Threads", "openblas_get_num_threads"):
         if hasattr(library, getter):
-            return max(1, getattr(library, getter)())
+            return max(1, _on_a_new_thread(getattr(library, getter)))
     return 1
+
+
+def _on_a_new_thread(count: Callable[[], int]) -> int:
+    """`count()` called on a new thread, as MLX calls the BLAS from its stream threads: MKL answers there
+    with its global count, not one set for the calling thread alone. torch.set_num_threads(n) sets one:
+    its mkl_set_num_threads_local binds to the MKL loaded here, and the main thread then read n."""
+    answer: List[int] = []
+    thread = threading.Thread(target=lambda: answer.append(count()))
+    thread.start()
+    thread.join()
+    return answer[0]
 
 
 def optimized_blas() -> bool:

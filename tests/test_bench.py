@@ -311,6 +311,18 @@ def test_a_thread_count_the_user_set_is_kept():
     assert "Math Kernel Library" in text and exact == "True" and threads == "2"
 
 
+@pytest.mark.skipif(sys.platform != "linux" or not blas._installed_mkl(),
+                    reason="needs MKL (pip install 'openelm-mlx[cpu-blas]')")
+def test_a_thread_count_set_for_the_calling_thread_only_is_not_mlxs():
+    """torch.set_num_threads(2) calls MKL's mkl_set_num_threads_local on its thread, and it binds to the MKL
+    loaded here: MLX's stream threads still run MKL on one thread, so float32 work is still spread."""
+    code = ("import ctypes, openelm_mlx\nopenelm_mlx.use_optimized_blas()\nimport mlx.core as mx\n"
+            "from openelm_mlx import blas, cpu_split\n"
+            "mkl = ctypes.CDLL(blas._preloaded)\nmkl.MKL_Set_Num_Threads_Local(2)\n"
+            "print(mkl.MKL_Get_Max_Threads(), blas.blas_threads(), cpu_split.spread(mx.float32))\n")
+    assert run_with_blas_env(code, **{blas.ENV_VAR: "auto"}) == "2 1 True"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_unloadable_blas_path_warns_and_keeps_the_bundled_one(tmp_path):
     env = {**os.environ, blas.ENV_VAR: str(tmp_path / "nope.so")}
