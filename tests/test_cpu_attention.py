@@ -5,7 +5,6 @@ the independent PyTorch reference (tests/reference.py)."""
 
 from __future__ import annotations
 
-import ctypes
 
 import mlx.core as mx
 import mlx.nn as nn
